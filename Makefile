@@ -1,0 +1,32 @@
+# Two commands matter on a fresh clone: `make serve` and `make test`; both set themselves up.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export QASERVE_DATA_DIR ?= $(CURDIR)/.qaserve/data
+export QASERVE_CACHE_DIR ?= $(CURDIR)/.qaserve/cache
+
+.PHONY: setup serve demo test test-fast lint format clean
+
+setup:
+	@bash scripts/setup.sh
+
+serve: setup  ## the engine on the embedded defaults over the shipped sample corpus
+	$(VENV)/bin/qaserve demo
+
+demo: serve
+
+test: setup  ## the whole suite, as CI runs it
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf .qaserve build *.egg-info

@@ -1,0 +1,126 @@
+"""The SDK's exceptions: one class per HTTP error family, all carrying the server's error body.
+
+The server answers every error as `{"error": {"type", "message", "field"?}}`; these classes
+keep those fields so callers can branch on `status`/`type` or catch a subclass.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+class QAServeClientError(Exception):
+    """Base of every error the SDK raises."""
+
+
+class QAServeConnectionError(QAServeClientError):
+    """No HTTP answer: the server could not be reached or the connection broke."""
+
+
+class QAServeTimeout(QAServeConnectionError):
+    """The client's own timeout ran out (the server's stage timeout is `StageTimeout`)."""
+
+
+class QAServeHTTPError(QAServeClientError):
+    status: int = 0
+
+    def __init__(
+        self,
+        status: int,
+        type: str,
+        message: str,
+        field: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(f"{status} {type}: {message}" + (f" (field {field!r})" if field else ""))
+        self.status = status
+        self.type = type
+        self.message = message
+        self.field = field
+        self.retry_after = retry_after
+
+
+class BadRequest(QAServeHTTPError):
+    status = 400
+
+
+class Unauthorized(QAServeHTTPError):
+    status = 401
+
+
+class Forbidden(QAServeHTTPError):
+    status = 403
+
+
+class NotFound(QAServeHTTPError):
+    status = 404
+
+
+class PayloadTooLarge(QAServeHTTPError):
+    status = 413
+
+
+class ValidationError(QAServeHTTPError):
+    status = 422
+
+
+class ServerError(QAServeHTTPError):
+    status = 500
+
+
+class Overloaded(ServerError):
+    status = 503
+
+
+class StageTimeout(ServerError):
+    status = 504
+
+
+_BY_STATUS: dict[int, type[QAServeHTTPError]] = {
+    cls.status: cls
+    for cls in (
+        BadRequest,
+        Unauthorized,
+        Forbidden,
+        NotFound,
+        PayloadTooLarge,
+        ValidationError,
+        ServerError,
+        Overloaded,
+        StageTimeout,
+    )
+}
+# Errors inside an SSE stream come without an HTTP status: map the server's error type.
+_STATUS_BY_TYPE = {
+    "bad_request": 400,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "not_found": 404,
+    "payload_too_large": 413,
+    "validation_error": 422,
+    "overloaded": 503,
+    "timeout": 504,
+}
+
+
+def error_from_body(
+    status: int | None, body: Any, retry_after: float | None = None
+) -> QAServeHTTPError:
+    """The exception for a decoded error body; `status` None means "from the error type"."""
+    detail = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(detail, dict):
+        detail = {"type": "http_error", "message": str(body)[:500]}
+    type_ = str(detail.get("type") or "http_error")
+    if status is None:
+        status = _STATUS_BY_TYPE.get(type_, 500)
+    cls = _BY_STATUS.get(status) or (ServerError if status >= 500 else QAServeHTTPError)
+    return cls(status, type_, str(detail.get("message", "")), detail.get("field"), retry_after)
+
+
+def error_from_response(status: int, content: bytes, retry_after: float | None) -> QAServeHTTPError:
+    try:
+        body: Any = json.loads(content)
+    except ValueError:
+        body = content.decode("utf-8", "replace")
+    return error_from_body(status, body, retry_after)

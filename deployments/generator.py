@@ -1,0 +1,594 @@
+"""RAG-Token generation: every next token is marginalised over the k retrieved documents.
+
+As in Lewis et al. 2020 (and transformers' RagTokenForGeneration), the document prior
+p(z|x) = softmax(retriever scores) weights each document-conditioned next-token distribution:
+
+    log p(y_t | x, y_<t) = logsumexp_z [ log p(z|x) + log p(y_t | x, z, y_<t) ]
+
+The k document-conditioned copies of the prompt run as one batch with a KV cache, so a step
+costs one forward pass of k rows (k x beams for beam search), not k separate generations.
+Works with causal LMs (prompted through their chat template; GGUF files are dequantised by
+transformers) and with seq2seq models (T5/BART, "question: ... context: ..." input).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import re
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from qaserve.config import GeneratorConfig
+from qaserve.errors import BadRequest, ConfigError
+from qaserve.threads import bound_threads
+from qaserve_client.schema import GeneratedToken, GenerateResponse, ModelInfo, ReadDocument
+
+SYSTEM_PROMPT = (
+    "Answer the question briefly, using only the document. "
+    "If the document does not contain the answer, say that you do not know."
+)
+# End-of-turn markers of common chat templates: a chat model ends its answer with these,
+# which are not always its config's eos_token_id.
+_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+_LENGTH_PENALTY = 1.0  # beam scores are sum(log p) / len ** penalty, as transformers does
+
+
+# --- model location and GGUF metadata -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where from_pretrained reads: a local dir or hub id, plus the GGUF file name if any."""
+
+    name_or_dir: str
+    gguf_file: str | None = None
+
+    @classmethod
+    def parse(cls, model: str) -> _Source:
+        path = Path(model).expanduser()
+        if path.is_file():
+            if path.suffix != ".gguf":
+                raise ConfigError(f"generator model {model!r}: a file must be a .gguf", "model")
+            return cls(str(path.parent), path.name)
+        if path.is_dir() or not model.endswith(".gguf"):
+            return cls(str(path) if path.is_dir() else model)
+        # "org/repo/file.gguf" on the hub: the last part names the file inside the repo.
+        repo, _, filename = model.rpartition("/")
+        if not repo:
+            raise ConfigError(f"generator model {model!r}: no such GGUF file", "model")
+        return cls(repo, filename)
+
+    @property
+    def local_gguf(self) -> Path | None:
+        if self.gguf_file is None:
+            return None
+        path = Path(self.name_or_dir) / self.gguf_file
+        return path if path.is_file() else None
+
+
+_GGUF_SCALARS = {
+    0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i",
+    6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d",
+}  # fmt: skip
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def _gguf_value(f: Any, vtype: int) -> Any:
+    if vtype == _GGUF_STRING:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return f.read(n).decode("utf-8", "replace")
+    if vtype in _GGUF_SCALARS:
+        fmt = _GGUF_SCALARS[vtype]
+        return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+    if vtype != _GGUF_ARRAY:
+        raise ValueError(f"unknown GGUF value type {vtype}")
+    etype, n = struct.unpack("<IQ", f.read(12))
+    if etype in _GGUF_SCALARS:
+        f.seek(n * struct.calcsize(_GGUF_SCALARS[etype]), os.SEEK_CUR)
+    else:
+        for _ in range(n):
+            _gguf_value(f, etype)
+    return None  # arrays are skipped: we only want a few scalars
+
+
+def gguf_metadata(path: Path, keys: Sequence[str]) -> dict[str, Any]:
+    """Read a few header keys without gguf.GGUFReader, which parses the whole vocabulary (4 s)."""
+    found: dict[str, Any] = {}
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF" or struct.unpack("<I", f.read(4))[0] < 2:
+                return found
+            _, n_kv = struct.unpack("<QQ", f.read(16))
+            for _ in range(n_kv):
+                (klen,) = struct.unpack("<Q", f.read(8))
+                key = f.read(klen).decode("utf-8", "replace")
+                (vtype,) = struct.unpack("<I", f.read(4))
+                value = _gguf_value(f, vtype)
+                if key in keys:
+                    found[key] = value
+                    if len(found) == len(keys):
+                        break
+    except (OSError, struct.error, ValueError):
+        pass
+    return found
+
+
+def _gguf_quantisation(path: Path | None, filename: str) -> str:
+    """'q4_1' etc. from general.file_type, else from the file name."""
+    if path is not None:
+        file_type = gguf_metadata(path, ["general.file_type"]).get("general.file_type")
+        if file_type is not None:
+            try:
+                import gguf
+
+                return gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_").lower()
+            except (ImportError, ValueError):
+                pass
+    match = re.search(r"(I?Q\d[_A-Z0-9]*|BF16|F16|F32)", filename, re.IGNORECASE)
+    return match.group(1).lower() if match else "unknown"
+
+
+# --- incremental detokenisation --------------------------------------------------------------
+
+
+class TextStream:
+    """Token ids in, text pieces out, such that the pieces concatenate to the decoded text.
+
+    Decoding tokens one at a time breaks byte-level BPE (a multi-byte character spans tokens)
+    and sentencepiece (spaces live on the next token); decoding the whole prefix and emitting
+    the new suffix does not. A piece that would end in an incomplete character is held back
+    (emitted as "") until the character completes.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self.text = ""
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        full = self._tokenizer.decode(
+            self._ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+        if full.endswith("\ufffd"):
+            return ""
+        if full.startswith(self.text):
+            piece = full[len(self.text) :]
+        else:
+            # A decoder that rewrites earlier text (rare) cannot take back what was streamed:
+            # emit what follows the longest common prefix.
+            pairs = zip(full, self.text, strict=False)
+            common = next((i for i, (a, b) in enumerate(pairs) if a != b), len(self.text))
+            piece = full[common:]
+        self.text = full
+        return piece
+
+
+# --- batched, cached forward passes ------------------------------------------------------------
+
+
+def _cache_kwarg(model: Any) -> str:
+    """transformers 5.2x renamed `past_key_values` to `cache`; the cache is updated in place."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+class _Session:
+    """k (or beams x k) sequences decoded together; each step returns next-token log-probs."""
+
+    def first(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def step(self, tokens: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed one token per row; `rows` first reorders/duplicates the rows (beam search)."""
+        raise NotImplementedError
+
+
+class _CausalSession(_Session):
+    def __init__(self, model: Any, prompts: list[list[int]], pad_id: int, device: str) -> None:
+        from transformers import DynamicCache
+
+        self.model = model
+        width = max(len(p) for p in prompts)
+        # Left padding: every row's next token then sits in the same (last) column.
+        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        self.mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            self.mask[i, width - len(p) :] = 1
+        self.ids, self.mask = ids.to(device), self.mask.to(device)
+        self.cache = DynamicCache(config=model.config)
+        self._cache_name = _cache_kwarg(model)
+        self._keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        kwargs = {"logits_to_keep": 1} if self._keep else {}
+        out = self.model(
+            input_ids=ids,
+            attention_mask=self.mask,
+            position_ids=positions,
+            use_cache=True,
+            **{self._cache_name: self.cache},
+            **kwargs,
+        )
+        return torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
+
+    def first(self) -> torch.Tensor:
+        positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        return self._forward(self.ids, positions)
+
+    def step(self, tokens: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        if rows is not None:
+            self.cache.reorder_cache(rows)
+            self.mask = self.mask.index_select(0, rows)
+        ones = torch.ones((self.mask.shape[0], 1), dtype=self.mask.dtype, device=self.mask.device)
+        self.mask = torch.cat([self.mask, ones], dim=-1)
+        positions = self.mask.sum(-1, keepdim=True) - 1
+        return self._forward(tokens.view(-1, 1), positions)
+
+
+class _Seq2SeqSession(_Session):
+    def __init__(
+        self, model: Any, inputs: list[list[int]], pad_id: int, start_id: int, device: str
+    ) -> None:
+        from transformers import DynamicCache, EncoderDecoderCache
+
+        self.model = model
+        width = max(len(p) for p in inputs)
+        ids = torch.full((len(inputs), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(inputs), width), dtype=torch.long)
+        for i, p in enumerate(inputs):
+            ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+            mask[i, : len(p)] = 1
+        self.mask = mask.to(device)
+        self.encoded = model.get_encoder()(input_ids=ids.to(device), attention_mask=self.mask)
+        self.start = torch.full((len(inputs),), start_id, dtype=torch.long, device=device)
+        self.cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        self._cache_name = _cache_kwarg(model)
+
+    def _forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        out = self.model(
+            encoder_outputs=self.encoded,
+            attention_mask=self.mask,
+            decoder_input_ids=tokens.view(-1, 1),
+            use_cache=True,
+            **{self._cache_name: self.cache},
+        )
+        return torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
+
+    def first(self) -> torch.Tensor:
+        return self._forward(self.start)
+
+    def step(self, tokens: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        if rows is not None:
+            self.cache.reorder_cache(rows)
+            self.mask = self.mask.index_select(0, rows)
+            hidden = self.encoded.last_hidden_state.index_select(0, rows)
+            self.encoded = type(self.encoded)(last_hidden_state=hidden)
+        return self._forward(tokens)
+
+
+# --- decoding ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Choice:
+    token_id: int
+    logprob: float  # marginal log p(y_t | x, y_<t)
+    document: int  # argmax_z of log p(z|x) + log p(y_t | x, z, y_<t)
+
+
+@dataclass
+class _Hypothesis:
+    choices: list[_Choice] = field(default_factory=list)
+    score: float = 0.0  # sum of marginal log-probs, EOS included once finished
+
+    def normalised(self, length: int) -> float:
+        return self.score / max(length, 1) ** _LENGTH_PENALTY
+
+
+def marginalise(logprobs: torch.Tensor, log_prior: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(rows = beams x k, V) doc-conditioned log-probs -> (beams, V) marginal and joint terms."""
+    k = log_prior.numel()
+    joint = logprobs.view(-1, k, logprobs.shape[-1]) + log_prior.view(1, k, 1)
+    return torch.logsumexp(joint, dim=1), joint
+
+
+class RagTokenGenerator:
+    """RAG-Token generator over a causal LM or a seq2seq model; one instance per replica."""
+
+    stage = "generator"
+
+    def __init__(self, cfg: GeneratorConfig, threads: int | None = None) -> None:
+        from transformers import (
+            AutoConfig,
+            AutoModelForCausalLM,
+            AutoModelForSeq2SeqLM,
+            AutoTokenizer,
+        )
+
+        self.cfg = cfg
+        self.threads = bound_threads(threads)
+        self.device = cfg.device
+        self.source = _Source.parse(cfg.model)
+        src = self.source
+        load: dict[str, Any] = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+
+        config = None
+        kind = cfg.kind
+        if kind is None and src.local_gguf is not None:
+            # Parsing a GGUF's config costs seconds; its architecture key is enough here.
+            arch = gguf_metadata(src.local_gguf, ["general.architecture"]).get(
+                "general.architecture"
+            )
+            if arch is not None:
+                kind = "seq2seq" if arch == "t5" else "causal"
+        try:
+            if kind is None:
+                config = AutoConfig.from_pretrained(src.name_or_dir, **load)
+                kind = "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
+            self.kind: Literal["causal", "seq2seq"] = kind
+            self.tokenizer = AutoTokenizer.from_pretrained(src.name_or_dir, **load)
+            auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
+            if config is not None:
+                load["config"] = config
+            self.model = auto.from_pretrained(src.name_or_dir, dtype=torch.float32, **load)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot load generator model {cfg.model!r}: {exc}", "model") from exc
+        self.model.to(self.device).eval()
+        self.eos_token_ids = self._eos_ids()
+        self.pad_id = self._pad_id()
+
+    # --- public API ------------------------------------------------------------------------
+
+    def info(self) -> ModelInfo:
+        params = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        dtype = str(self.model.dtype).removeprefix("torch.").replace("float", "fp")
+        if self.source.gguf_file:
+            quant = _gguf_quantisation(self.source.local_gguf, self.source.gguf_file)
+            fmt = f"gguf-{quant} dequantised to {dtype} (torch)"
+        else:
+            fmt = f"{dtype} (torch)"
+        return ModelInfo(
+            stage=self.stage,
+            model=self.cfg.model,
+            format=fmt,
+            size_mb=round(params / 1e6, 1),
+            device=self.device,
+        )
+
+    def generate(
+        self,
+        question: str,
+        documents: list[ReadDocument],
+        max_new_tokens: int | None = None,
+        num_beams: int | None = None,
+    ) -> GenerateResponse:
+        """Greedy (num_beams=1) or beam search over the marginal; returns the best sequence."""
+        beams = self.cfg.num_beams if num_beams is None else num_beams
+        if beams < 1:
+            raise BadRequest("num_beams must be at least 1", "num_beams")
+        log_prior = self.log_prior(documents)
+        if beams == 1:
+            tokens = list(self.stream(question, documents, max_new_tokens))
+        else:
+            session, steps = self._start(question, documents, max_new_tokens)
+            choices = self._beam_search(session, log_prior, steps, beams)
+            tokens = self._to_tokens(choices, documents)
+        return GenerateResponse(
+            text="".join(t.text for t in tokens),
+            tokens=tokens,
+            document_weights=log_prior.exp().tolist(),
+        )
+
+    def stream(
+        self, question: str, documents: list[ReadDocument], max_new_tokens: int | None = None
+    ) -> Iterator[GeneratedToken]:
+        """Greedy decoding that yields each token as soon as it is chosen.
+
+        Not a generator function itself: a bad request raises here, before a server has
+        started a streamed response; the forward passes run as the tokens are pulled.
+        """
+        log_prior = self.log_prior(documents)
+        session, steps = self._start(question, documents, max_new_tokens)
+        text = TextStream(self.tokenizer)
+        return (
+            self._token(choice, text, documents)
+            for choice in self._greedy(session, log_prior, steps)
+        )
+
+    def log_prior(self, documents: Sequence[ReadDocument]) -> torch.Tensor:
+        """log p(z|x): log-softmax of the retriever scores, uniform if any score is missing."""
+        if not documents:
+            raise BadRequest("at least one document is needed", "documents")
+        scores = [d.score for d in documents]
+        if any(s is None for s in scores):
+            return torch.full((len(documents),), -math.log(len(documents)))
+        return torch.log_softmax(torch.tensor(scores, dtype=torch.float64), 0).float()
+
+    def encode(self, question: str, documents: Sequence[ReadDocument]) -> list[list[int]]:
+        """One model input per document: chat prompt (causal) or question/context (seq2seq)."""
+        question = question.strip()
+        if not question:
+            raise BadRequest("question must not be empty", "question")
+        if not documents:
+            raise BadRequest("at least one document is needed", "documents")
+        inputs = []
+        for doc in documents:
+            context = self._truncate(doc.text)
+            if self.kind == "seq2seq":
+                ids = self.tokenizer(f"question: {question} context: {context}")["input_ids"]
+            else:
+                ids = self.tokenizer(self._prompt(question, context), add_special_tokens=False)[
+                    "input_ids"
+                ]
+            inputs.append(list(ids))
+        return inputs
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _prompt(self, question: str, context: str) -> str:
+        user = f"Document: {context}\n\nQuestion: {question}"
+        if getattr(self.tokenizer, "chat_template", None):
+            messages = [
+                {"role": "system", "content": SYSTEM_PROMPT},
+                {"role": "user", "content": user},
+            ]
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        bos = self.tokenizer.bos_token or ""
+        return f"{bos}{SYSTEM_PROMPT}\n\n{user}\nAnswer:"
+
+    def _truncate(self, text: str) -> str:
+        limit = self.cfg.max_doc_tokens
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        if len(enc["input_ids"]) <= limit:
+            return text
+        return text[: enc["offset_mapping"][limit - 1][1]]
+
+    def _start(
+        self, question: str, documents: Sequence[ReadDocument], max_new_tokens: int | None
+    ) -> tuple[_Session, int]:
+        steps = self.cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if steps < 1:
+            raise BadRequest("max_new_tokens must be at least 1", "max_new_tokens")
+        inputs = self.encode(question, documents)
+        with torch.inference_mode():
+            if self.kind == "seq2seq":
+                start = self._decoder_start_id()
+                return _Seq2SeqSession(self.model, inputs, self.pad_id, start, self.device), steps
+            return _CausalSession(self.model, inputs, self.pad_id, self.device), steps
+
+    def _greedy(self, session: _Session, log_prior: torch.Tensor, steps: int) -> Iterator[_Choice]:
+        k = log_prior.numel()
+        log_prior = log_prior.to(self.device)
+        token = torch.zeros((), dtype=torch.long)
+        for t in range(steps):
+            # inference_mode per step, not around the yield: the caller's code between
+            # tokens must not run inside it.
+            with torch.inference_mode():
+                logprobs = session.first() if t == 0 else session.step(token.expand(k))
+                marginal, joint = marginalise(logprobs, log_prior)
+                token = marginal[0].argmax()
+                choice = _Choice(
+                    token_id=int(token),
+                    logprob=float(marginal[0, token]),
+                    document=int(joint[0, :, token].argmax()),
+                )
+            if choice.token_id in self.eos_token_ids:
+                return
+            yield choice
+
+    def _beam_search(
+        self, session: _Session, log_prior: torch.Tensor, steps: int, num_beams: int
+    ) -> list[_Choice]:
+        """Beam search on the marginal; beams x documents decode as one batch.
+
+        Stops once num_beams hypotheses have ended (transformers' early_stopping=True); an
+        EOS ranked below num_beams is ignored, as transformers does, so one beam is greedy.
+        """
+        k = log_prior.numel()
+        log_prior = log_prior.to(self.device)
+        arange_k = torch.arange(k, device=self.device)
+        running = [_Hypothesis()]
+        finished: list[tuple[float, _Hypothesis]] = []
+        with torch.inference_mode():
+            logprobs = session.first()
+            for t in range(steps):
+                marginal, joint = marginalise(logprobs, log_prior)
+                scores = torch.tensor([h.score for h in running], device=self.device)
+                flat = (scores[:, None] + marginal).view(-1)
+                top = flat.topk(min(2 * num_beams, flat.numel()))
+                vocab = marginal.shape[-1]
+                survivors: list[tuple[int, int]] = []  # (beam, token)
+                for rank, index in enumerate(top.indices.tolist()):
+                    beam, token = divmod(index, vocab)
+                    if token in self.eos_token_ids:
+                        if rank < num_beams:
+                            ended = _Hypothesis(running[beam].choices, float(flat[index]))
+                            finished.append((ended.normalised(t + 1), ended))
+                        continue
+                    survivors.append((beam, token))
+                    if len(survivors) == num_beams:
+                        break
+                if len(finished) >= num_beams or not survivors:
+                    running = []
+                    break
+                running = [
+                    _Hypothesis(
+                        [
+                            *running[beam].choices,
+                            _Choice(
+                                token,
+                                float(marginal[beam, token]),
+                                int(joint[beam, :, token].argmax()),
+                            ),
+                        ],
+                        float(flat[beam * vocab + token]),
+                    )
+                    for beam, token in survivors
+                ]
+                if t == steps - 1:
+                    break
+                beams = torch.tensor([b for b, _ in survivors], device=self.device)
+                rows = (beams[:, None] * k + arange_k).view(-1)
+                tokens = torch.tensor([tok for _, tok in survivors], device=self.device)
+                logprobs = session.step(tokens.repeat_interleave(k), rows)
+        finished += [(h.normalised(len(h.choices)), h) for h in running]
+        return max(finished, key=lambda pair: pair[0])[1].choices
+
+    def _token(
+        self, choice: _Choice, text: TextStream, documents: Sequence[ReadDocument]
+    ) -> GeneratedToken:
+        return GeneratedToken(
+            id=choice.token_id,
+            text=text.push(choice.token_id),
+            logprob=choice.logprob,
+            document_id=documents[choice.document].id,
+            document_index=choice.document,
+        )
+
+    def _to_tokens(
+        self, choices: list[_Choice], documents: Sequence[ReadDocument]
+    ) -> list[GeneratedToken]:
+        text = TextStream(self.tokenizer)
+        return [self._token(c, text, documents) for c in choices]
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for source in (self.model.generation_config, self.model.config, self.tokenizer):
+            value = getattr(source, "eos_token_id", None)
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, list | tuple):
+                ids.update(int(v) for v in value if v is not None)
+        if self.kind == "causal":
+            vocab = self.tokenizer.get_vocab()
+            special = set(getattr(self.tokenizer, "all_special_tokens", []))
+            template = getattr(self.tokenizer, "chat_template", None) or ""
+            for marker in _END_OF_TURN:
+                # Only a marker the chat template really uses ends the answer.
+                if marker in vocab and marker in special and marker in template:
+                    ids.add(vocab[marker])
+        if not ids:
+            raise ConfigError(f"generator model {self.cfg.model!r} names no EOS token", "model")
+        return ids
+
+    def _pad_id(self) -> int:
+        for value in (self.tokenizer.pad_token_id, self.model.config.pad_token_id):
+            if isinstance(value, int):
+                return value
+        return min(self.eos_token_ids)
+
+    def _decoder_start_id(self) -> int:
+        for source in (self.model.generation_config, self.model.config):
+            value = getattr(source, "decoder_start_token_id", None)
+            if isinstance(value, int):
+                return value
+        return self._pad_id()
