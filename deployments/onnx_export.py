@@ -67,6 +67,9 @@ def resolve_checkpoint(model: str | Path) -> Path:
         return path
     if path.exists():
         raise ValueError(f"{model}: expected a checkpoint directory or a hub id, got a file")
+    text = str(model)
+    if path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1:
+        raise FileNotFoundError(f"{model}: no such checkpoint directory")
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.txt", "*.model", "*.safetensors"]

@@ -125,10 +125,15 @@ class Reader:
         self.context_seq = 1 if self.question_first else 0
         max_len = int(conf.get("model_max_length") or 10**9)
         self.max_seq_len = min(self.cfg.max_seq_len, max_len)
-        if self.cfg.doc_stride >= self.max_seq_len:
+        # The tokenizer refuses a stride that is not below the room left for the context.
+        specials = tok.post_processor.num_special_tokens_to_add(True) if tok.post_processor else 0
+        self.max_question_len = min(
+            self.cfg.max_question_len, self.max_seq_len - specials - self.cfg.doc_stride - 1
+        )
+        if self.max_question_len < 1:
             raise ConfigError(
-                f"doc_stride ({self.cfg.doc_stride}) must be below max_seq_len "
-                f"({self.max_seq_len})",
+                f"max_seq_len ({self.max_seq_len}) leaves no room for a question beside "
+                f"doc_stride ({self.cfg.doc_stride})",
                 field="reader.doc_stride",
             )
         tok.enable_truncation(
@@ -151,11 +156,13 @@ class Reader:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
-        # No busy-waiting between ops: on shared cores, spinning ORT threads starve the other
-        # stages' replicas (measured: torch 20x slower beside a spinning session).
+        # No busy-waiting after a run: spinning ORT threads hold cores that the other stages'
+        # replicas (and the other sessions) on the same machine need.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers: list[Any] = ["CPUExecutionProvider"]
         device = self.cfg.device
+        # On CUDA, prefer precision fp32: ORT runs the int8 ops (DynamicQuantizeMatMul, ...)
+        # on the CPU only, so an int8 graph would bounce between the devices.
         if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
             index = int(device.partition(":")[2] or 0)
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": index}))
@@ -215,7 +222,7 @@ class Reader:
 
     def _cut_question(self, question: str) -> str:
         enc = self._plain.encode(question, add_special_tokens=False)
-        limit = self.cfg.max_question_len
+        limit = self.max_question_len
         if len(enc.ids) <= limit:
             return question
         return question[: enc.offsets[limit - 1][1]]

@@ -70,6 +70,16 @@ def _engine(args: argparse.Namespace):
     return Engine(EngineConfig.load(args.config, **overrides))
 
 
+def _client(args: argparse.Namespace):
+    """The SDK client when --url (or $QASERVE_URL) names a running server, else None."""
+    url = getattr(args, "url", None)
+    if not url:
+        return None
+    from qaserve_client.client import Client
+
+    return Client(url, api_key=getattr(args, "api_key", None), timeout=args.timeout)
+
+
 def _print(obj: Any) -> None:
     print(json.dumps(obj, indent=2, ensure_ascii=False))
 
@@ -85,6 +95,17 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         meta_fields=args.meta_field,
     )
     print(f"read {len(docs)} documents from {args.path}", file=sys.stderr)
+    client = _client(args)
+    if client is not None:
+        with client:
+            done, passages = 0, 0
+            for i in range(0, len(docs), args.batch_size):
+                result = client.ingest(docs[i : i + args.batch_size], collection=args.collection)
+                done, passages = done + len(result.ids), passages + result.passages
+                print(f"\ringested {done}/{len(docs)} documents", end="", file=sys.stderr)
+            print(file=sys.stderr)
+        print(f"ingested {done} documents as {passages} passages at {args.url}")
+        return 0
     engine = _engine(args)
     try:
         result = engine.ingest(docs, collection=args.collection, progress=not args.quiet)
@@ -140,11 +161,16 @@ def cmd_ask(args: argparse.Namespace) -> int:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
         raise BadRequest(f"{field}: {first['msg']}", field=field) from None
-    engine = _engine(args)
-    try:
-        resp = engine.query(request)
-    finally:
-        engine.close()
+    client = _client(args)
+    if client is not None:
+        with client:
+            resp = client.query(**request.model_dump(exclude={"stream"}))
+    else:
+        engine = _engine(args)
+        try:
+            resp = engine.query(request)
+        finally:
+            engine.close()
     if args.json:
         print(resp.model_dump_json(indent=2))
     else:
@@ -153,6 +179,11 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def cmd_get(args: argparse.Namespace) -> int:
+    client = _client(args)
+    if client is not None:
+        with client:
+            _print(client.get_document(args.id, collection=args.collection).model_dump())
+        return 0
     engine = _engine(args)
     try:
         _print(engine.get_document(args.id, collection=args.collection).model_dump())
@@ -162,6 +193,12 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
+    client = _client(args)
+    if client is not None:
+        with client:
+            client.delete_document(args.id, collection=args.collection)
+        print(f"deleted {args.id}")
+        return 0
     engine = _engine(args)
     try:
         engine.delete_document(args.id, collection=args.collection)
@@ -172,6 +209,11 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    client = _client(args)
+    if client is not None:
+        with client:
+            _print([m.model_dump() for m in client.models()])
+        return 0
     engine = _engine(args)
     try:
         _print([m.model_dump() for m in engine.models()])
@@ -221,6 +263,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--store-url", default=None, help="Qdrant server URL instead of the embedded store"
     )
+    p.add_argument(
+        "--url",
+        default=os.environ.get("QASERVE_URL"),
+        help="talk to a running qaserve server (default: $QASERVE_URL; unset = in-process)",
+    )
+    p.add_argument("--api-key", default=os.environ.get("QASERVE_API_KEY"))
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per request with --url")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="metadata field to keep (repeatable; default: all scalar fields)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--batch-size", type=int, default=64, help="documents per request with --url")
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("ask", help="answer a question over the ingested documents")
@@ -293,7 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _extensions() -> list[Callable[[Any], None]]:
     """Commands that live beside the code they drive (training, evaluation, benchmarks)."""
     found = []
-    for module in ("qaserve.server", "qaserve.train_reader", "qaserve.evaluate", "qaserve.bench"):
+    for module in (
+        "qaserve.server",
+        "qaserve.autoscale",
+        "qaserve.train_reader",
+        "qaserve.evaluate",
+        "qaserve.bench",
+    ):
         try:
             mod = __import__(module, fromlist=["register"])
         except ImportError as exc:
@@ -313,6 +369,16 @@ def main(argv: list[str] | None = None) -> int:
     except QAServeError as exc:
         print(f"qaserve: error: {exc.message}", file=sys.stderr)
         return 2 if exc.status < 500 else 1
+    except Exception as exc:
+        from qaserve_client.errors import QAServeConnectionError, QAServeHTTPError
+
+        if isinstance(exc, QAServeHTTPError):
+            print(f"qaserve: error: {exc.status} {exc.type}: {exc.message}", file=sys.stderr)
+            return 2 if exc.status < 500 else 1
+        if isinstance(exc, QAServeConnectionError):
+            print(f"qaserve: error: cannot reach the server: {exc}", file=sys.stderr)
+            return 1
+        raise
     except KeyboardInterrupt:
         print("qaserve: interrupted", file=sys.stderr)
         return 130

@@ -185,6 +185,21 @@ def _engine_cfg(cfg: dict[str, Any]) -> EngineConfig:
     return EngineConfig.model_validate(cfg)
 
 
+def _batch_histogram(stage: str) -> Any:
+    """Batch sizes per stage, exported with Ray's metrics (Prometheus) beside Serve's own
+    per-deployment request counts, error counts, latency histograms and queue lengths."""
+    from ray.serve.metrics import Histogram
+
+    hist = Histogram(
+        "qaserve_batch_size",
+        description="Requests per dynamic batch.",
+        boundaries=[1, 2, 4, 8, 16, 32, 64],
+        tag_keys=("stage",),
+    )
+    hist.set_default_tags({"stage": stage})
+    return hist
+
+
 @serve.deployment(name="Embedder")
 class EmbedderDeployment:
     def __init__(self, engine: dict[str, Any], batch: dict[str, Any]) -> None:
@@ -193,12 +208,14 @@ class EmbedderDeployment:
         cfg = _engine_cfg(engine)
         self.embedder = Embedder(cfg.embedder, threads=replica_threads())
         opts = BatchOptions.model_validate(batch)
+        self.batch_sizes = _batch_histogram("embedder")
         self.embed_one.set_max_batch_size(opts.max_batch_size)
         self.embed_one.set_batch_wait_timeout_s(opts.batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def embed_one(self, texts: list[str]) -> list[Any]:
         """Queries from concurrent requests embedded as one batch."""
+        self.batch_sizes.observe(len(texts))
         vectors = await asyncio.to_thread(self.embedder.embed, texts)
         return list(vectors)
 
@@ -292,12 +309,14 @@ class ReaderDeployment:
         cfg = _engine_cfg(engine)
         self.reader = Reader(cfg.reader, cfg.cache_dir, threads=replica_threads())
         opts = BatchOptions.model_validate(batch)
+        self.batch_sizes = _batch_histogram("reader")
         self.read.set_max_batch_size(opts.max_batch_size)
         self.read.set_batch_wait_timeout_s(opts.batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def read(self, requests: list[ReadRequest]) -> list[ReadResponse]:
         """The windows of concurrent requests go through one ONNX Runtime run."""
+        self.batch_sizes.observe(len(requests))
         return await asyncio.to_thread(self.reader.read_batch, requests)
 
     def info(self) -> ModelInfo:

@@ -97,14 +97,12 @@ def run_server(
     from ray import serve
 
     stop = stop or threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
     env = {
         k: v
         for k, v in os.environ.items()
         if k.startswith(("QASERVE_", "HF_")) or k == "TOKENIZERS_PARALLELISM"
     }
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see qaserve.threads
     t0 = time.perf_counter()
     init: dict[str, Any] = {
         "num_cpus": num_cpus or os.cpu_count(),
@@ -115,6 +113,10 @@ def run_server(
     if metrics_port:
         init["_metrics_export_port"] = metrics_port
     ray.init(**init)
+    # After ray.init, which installs a SIGTERM handler of its own that aborts the driver.
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
     try:
         from qaserve.graph import build_graph
 

@@ -190,6 +190,59 @@ def test_write_reader_folder_replaces_in_place(checkpoint: Path, cache: Path, tm
     assert [p.name for p in dest.parent.iterdir()] == ["reader"]  # no temp folders left
 
 
+@pytest.mark.parametrize("kind", ["distilbert", "albert"])
+def test_other_architectures(kind: str, cache: Path, tmp_path: Path) -> None:
+    """DistilBERT takes no token_type_ids (BERT fusions still apply); ALBERT is not a type
+    ORT's BERT optimiser knows, so it gets ORT's generic offline optimisation."""
+    from transformers import (
+        AlbertConfig,
+        AlbertForQuestionAnswering,
+        DistilBertConfig,
+        DistilBertForQuestionAnswering,
+    )
+
+    from qaserve.config import ReaderConfig
+    from qaserve.deployments.reader import Reader
+    from qaserve_client.schema import ReadDocument
+
+    tokenizer = AutoTokenizer.from_pretrained(packaged_embedder())
+    torch.manual_seed(0)
+    if kind == "distilbert":
+        config = DistilBertConfig(
+            vocab_size=tokenizer.vocab_size, dim=32, n_layers=2, n_heads=4, hidden_dim=64
+        )
+        model = DistilBertForQuestionAnswering(config)
+    else:
+        config = AlbertConfig(
+            vocab_size=tokenizer.vocab_size,
+            embedding_size=16,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+        )
+        model = AlbertForQuestionAnswering(config)
+    model.eval().save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+
+    folder = export_reader(str(tmp_path), cache, "fp32-opt")
+    meta = json.loads((folder / "export.json").read_text())
+    want_inputs = ["input_ids", "attention_mask"] + (["token_type_ids"] if kind == "albert" else [])
+    assert meta["inputs"] == want_inputs
+    assert ("bert" in meta["optimizer"]) == (kind == "distilbert")
+    feeds = _inputs(tmp_path, QUESTIONS, CONTEXTS)
+    with torch.no_grad():
+        out = model(**{k: torch.from_numpy(feeds[k]) for k in want_inputs})
+    got_start, _ = _onnx_logits(folder, feeds)
+    mask = feeds["attention_mask"] == 1
+    np.testing.assert_allclose(got_start[mask], out.start_logits.numpy()[mask], atol=1e-4)
+
+    reader = Reader(ReaderConfig(model=str(tmp_path)), cache, threads=1)  # int8
+    got = reader.read(QUESTIONS[1], [ReadDocument(text=CONTEXTS[1])], top_k=2)
+    assert [a.answer for a in got.answers] == [CONTEXTS[1][a.start : a.end] for a in got.answers]
+    assert reader.info().format == "onnx-int8"
+
+
 def test_unknown_variant_and_missing_checkpoint(cache: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="variant"):
         export_reader(str(tmp_path), cache, "int4")
@@ -197,3 +250,5 @@ def test_unknown_variant_and_missing_checkpoint(cache: Path, tmp_path: Path) -> 
     empty.mkdir()
     with pytest.raises(ValueError, match="no config"):
         export_reader(str(empty), cache, "fp32")
+    with pytest.raises(FileNotFoundError):
+        export_reader(str(tmp_path / "missing"), cache, "fp32")

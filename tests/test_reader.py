@@ -489,3 +489,8 @@ def test_no_model_is_a_config_error(tmp_path: Path) -> None:
         Reader(ReaderConfig(model=None), tmp_path)
     with pytest.raises(ConfigError, match=r"reader\.model"):
         Reader(ReaderConfig(model=str(tmp_path / "missing")), tmp_path)
+
+
+def test_windows_that_leave_no_room_are_a_config_error(random_ckpt: Path, cache: Path) -> None:
+    with pytest.raises(ConfigError, match="doc_stride"):
+        make_reader(random_ckpt, cache, "fp32", max_seq_len=64, doc_stride=64)
