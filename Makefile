@@ -11,10 +11,11 @@ export QASERVE_CACHE_DIR ?= $(CURDIR)/.qaserve/cache
 setup:
 	@bash scripts/setup.sh
 
-serve: setup  ## the engine on the embedded defaults over the shipped sample corpus
-	$(VENV)/bin/qaserve demo
+serve: setup  ## the Ray Serve graph + HTTP API on 127.0.0.1:8000 over the shipped sample corpus
+	$(VENV)/bin/qaserve serve
 
-demo: serve
+demo: setup  ## the same engine in-process (no Ray): answers the sample questions and exits
+	$(VENV)/bin/qaserve demo
 
 test: setup  ## the whole suite, as CI runs it
 	$(PY) -m pytest -q

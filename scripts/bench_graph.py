@@ -29,7 +29,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
 def main() -> int:
@@ -127,7 +127,8 @@ def main() -> int:
     print(f"{'graph over HTTP':28}{g['median']:>12.1f}{g['p95']:>10.1f}")
     print(f"overhead of the graph: {result['overhead_ms_median']:.1f} ms per request (median)")
     print(
-        f"throughput at concurrency {args.concurrency}: batched {result['graph_qps_batched']:.2f} q/s, "
+        f"throughput at concurrency {args.concurrency}: "
+        f"batched {result['graph_qps_batched']:.2f} q/s, "
         f"unbatched {result['graph_qps_unbatched']:.2f} q/s "
         f"(x{result['graph_qps_batched'] / result['graph_qps_unbatched']:.2f})"
     )

@@ -21,6 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
+
 from qaserve.config import EngineConfig
 from qaserve.deployments.passages import Passage, SplitDocument
 from qaserve.deployments.store import DocumentStore, EdgeStore, make_store

@@ -28,7 +28,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qaserve import __version__
 from qaserve.config import ServerConfig
-from qaserve.errors import Overloaded, QAServeError, StageTimeout
+from qaserve.errors import (
+    Forbidden,
+    InternalError,
+    InvalidRequest,
+    Overloaded,
+    PayloadTooLarge,
+    QAServeError,
+    StageTimeout,
+    Unauthorized,
+)
 from qaserve_client import sse
 from qaserve_client.schema import (
     DocumentOut,
@@ -73,34 +82,6 @@ class Backend(Protocol):
 
     async def models(self) -> ModelsResponse: ...
     async def ready(self) -> dict[str, bool]: ...
-
-
-# --- errors only the HTTP layer raises ------------------------------------------------------
-
-
-class Unauthorized(QAServeError):
-    type = "unauthorized"
-    status = 401
-
-
-class Forbidden(QAServeError):
-    type = "forbidden"
-    status = 403
-
-
-class PayloadTooLarge(QAServeError):
-    type = "payload_too_large"
-    status = 413
-
-
-class InvalidRequest(QAServeError):
-    type = "validation_error"
-    status = 422
-
-
-class InternalError(QAServeError):
-    type = "internal_error"
-    status = 500
 
 
 _HTTP_TYPES = {

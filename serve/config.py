@@ -125,7 +125,10 @@ class GeneratorConfig(_Cfg):
 
 
 class EnsembleConfig(_Cfg):
-    reader_threshold: float = 0.15
+    # Chosen on the electronics and restaurants dev splits (`qaserve eval --split dev`
+    # sweeps it): with the 135M generator, any reader span that beats its no-answer score
+    # is better than the generated text. Raise it for a stronger generator.
+    reader_threshold: float = 0.0
     agreement_bonus: float = 0.25
 
 

@@ -45,6 +45,22 @@ def as_read_documents(documents: list[RetrievedDocument]) -> list[ReadDocument]:
     return [ReadDocument(id=d.id, text=d.text, score=d.score) for d in documents]
 
 
+def query_response(
+    documents: list[RetrievedDocument],
+    answer: FinalAnswer,
+    read: ReadResponse | None,
+    generated: GenerateResponse | None,
+    timings: dict[str, float],
+    start: float,
+) -> QueryResponse:
+    """The /v1/query answer, shared by the in-process engine and the Ray ingress."""
+    timings["total"] = round((time.perf_counter() - start) * 1000, 3)
+    spans = [a for a in read.answers if a.answer] if read else []
+    return QueryResponse(
+        answer=answer, answers=spans, generated=generated, documents=documents, timings_ms=timings
+    )
+
+
 @contextmanager
 def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
     start = time.perf_counter()
@@ -187,15 +203,7 @@ class Engine:
                 answer = FinalAnswer(text="", source="none", score=0.0)
             else:
                 answer = self.ensemble.combine(request.mode, read, generated)
-        timings["total"] = round((time.perf_counter() - start) * 1000, 3)
-        spans = [a for a in read.answers if a.answer] if read else []
-        return QueryResponse(
-            answer=answer,
-            answers=spans,
-            generated=generated,
-            documents=documents,
-            timings_ms=timings,
-        )
+        return query_response(documents, answer, read, generated, timings, start)
 
     def models(self) -> list[ModelInfo]:
         infos = list(self.retriever.info())

@@ -26,6 +26,31 @@ class BadRequest(QAServeError):
     status = 400
 
 
+class Unauthorized(QAServeError):
+    type = "unauthorized"
+    status = 401
+
+
+class Forbidden(QAServeError):
+    type = "forbidden"
+    status = 403
+
+
+class PayloadTooLarge(QAServeError):
+    type = "payload_too_large"
+    status = 413
+
+
+class InvalidRequest(QAServeError):
+    type = "validation_error"
+    status = 422
+
+
+class InternalError(QAServeError):
+    type = "internal_error"
+    status = 500
+
+
 class DocumentNotFound(QAServeError):
     type = "not_found"
     status = 404

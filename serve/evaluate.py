@@ -64,6 +64,19 @@ def _score(preds: Sequence[str], examples: Sequence[Any]) -> dict[str, Any]:
     }
 
 
+def _sweep(ensemble: Any, reads: list[Any], gens: list[Any], examples: list[Any]) -> dict[str, Any]:
+    """Ensemble EM/F1 for several reader thresholds: pick the default on dev splits."""
+    from qaserve.deployments.ensemble import Ensemble
+
+    out = {}
+    for threshold in (0.0, 0.05, 0.1, 0.15, 0.25, 0.4):
+        cfg = ensemble.cfg.model_copy(update={"reader_threshold": threshold})
+        ens = Ensemble(cfg)
+        preds = [ens.combine("ensemble", r, g).text for r, g in zip(reads, gens, strict=True)]
+        out[str(threshold)] = _score(preds, examples)["all"]
+    return out
+
+
 def _doc_ranking(hits: Sequence[Any]) -> list[str]:
     """Passage hits to a ranked list of distinct document ids."""
     seen: dict[str, None] = {}
@@ -183,12 +196,13 @@ def evaluate(
         n = min(generator_limit, len(examples))
         if n > 0:
             subset = examples[:n]
-            gen_preds, ens_preds, rd_preds = [], [], []
+            gen_preds, ens_preds, rd_preds, gens = [], [], [], []
             t = time.perf_counter()
             for i, ex in enumerate(tqdm(subset, desc="generator + ensemble", disable=not progress)):
                 gen = engine.generator.generate(
                     ex.question, retrieved[i], max_new_tokens=max_new_tokens
                 )
+                gens.append(gen)
                 gen_preds.append(gen.text.strip())
                 ens_preds.append(engine.ensemble.combine("ensemble", reads[i], gen).text)
                 rd_preds.append(reads[i].answers[0].answer if reads[i].answers else "")
@@ -196,6 +210,7 @@ def evaluate(
             report["generator"]["s_per_question"] = round((time.perf_counter() - t) / n, 2)
             report["ensemble"] = _score(ens_preds, subset)
             report["pipeline_on_subset"] = _score(rd_preds, subset)
+            report["ensemble_threshold_sweep"] = _sweep(engine.ensemble, reads[:n], gens, subset)
             report["generator_examples"] = [
                 {"question": ex.question, "gold": _golds(ex)[:3], "generated": g, "ensemble": e}
                 for ex, g, e in list(zip(subset, gen_preds, ens_preds, strict=True))[:5]

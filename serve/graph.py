@@ -22,6 +22,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from qaserve.config import EngineConfig, ServerConfig, apply_overrides
+from qaserve.engine import query_response
 from qaserve.errors import BadRequest, Overloaded, QAServeError, StageTimeout
 from qaserve.threads import bound_threads
 from qaserve_client.schema import (
@@ -182,7 +183,20 @@ def replica_threads() -> int:
 
 
 def _engine_cfg(cfg: dict[str, Any]) -> EngineConfig:
-    return EngineConfig.model_validate(cfg)
+    """The engine config for this replica: a replica granted a GPU (`num_gpus` in its
+    ray_actor_options) runs its model on CUDA (ONNX Runtime's CUDA provider for the reader)."""
+    import ray
+
+    engine = EngineConfig.model_validate(cfg)
+    try:
+        gpus = ray.get_gpu_ids()
+    except Exception:
+        gpus = []
+    if gpus:
+        for stage in (engine.embedder, engine.reader, engine.generator):
+            if stage.device == "cpu":
+                stage.device = "cuda"
+    return engine
 
 
 def _batch_histogram(stage: str) -> Any:
@@ -588,15 +602,7 @@ class RayBackend:
             )
         else:
             answer = FinalAnswer(text="", source="none", score=0.0)
-        timings["total"] = round((time.perf_counter() - start) * 1000, 3)
-        spans = [a for a in read.answers if a.answer] if read else []
-        return QueryResponse(
-            answer=answer,
-            answers=spans,
-            generated=generated,
-            documents=documents,
-            timings_ms=timings,
-        )
+        return query_response(documents, answer, read, generated, timings, start)
 
 
 async def _stream(gen: Any) -> AsyncIterator[Any]:
