@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+
 from qaserve.config import GeneratorConfig
 from qaserve.errors import BadRequest, ConfigError
 from qaserve.threads import bound_threads

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from qaserve.config import EmbedderConfig, EngineConfig
 from qaserve.errors import BadRequest
 from qaserve.threads import bound_threads

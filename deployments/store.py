@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
+
 from qaserve.config import EngineConfig, StoreConfig
 from qaserve.errors import BadRequest, ConfigError, DocumentNotFound
 from qaserve_client.schema import DocumentOut, Filters, ModelInfo, RetrievalMode, RetrievedDocument

@@ -15,6 +15,8 @@ from typing import Any
 
 import httpx
 import pytest
+from tiny_models import FaultyBackend
+
 from qaserve.api import build_app
 from qaserve.config import ApiKey, ServerConfig
 from qaserve.errors import DocumentNotFound, Overloaded
@@ -26,7 +28,6 @@ from qaserve_client.schema import (
     RetrieveResponse,
 )
 from qaserve_client.sse import SSEDecoder
-from tiny_models import FaultyBackend
 
 pytestmark = pytest.mark.slow  # the retriever is the real packaged MiniLM
 

@@ -11,6 +11,8 @@ from typing import Any
 
 import httpx
 import pytest
+from tiny_models import FaultyBackend
+
 from qaserve.api import build_app
 from qaserve.config import ServerConfig
 from qaserve.errors import Overloaded as ServerOverloaded
@@ -23,7 +25,6 @@ from qaserve_client.schema import (
     ReadResponse,
     RetrieveResponse,
 )
-from tiny_models import FaultyBackend
 
 QUESTION = "How long does the battery last?"
 DOCS = [

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from qaserve.config import GeneratorConfig
 from qaserve.deployments.generator import RagTokenGenerator, TextStream, gguf_metadata
 from qaserve.errors import BadRequest, ConfigError

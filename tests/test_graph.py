@@ -28,7 +28,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def graph(tiny_engine_config: Any) -> Iterator[str]:
+def graph(tiny_engine_config: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from ray import serve
 
     from qaserve.graph import APP_NAME, GraphConfig, StageOptions, build_graph
@@ -44,7 +44,10 @@ def graph(tiny_engine_config: Any) -> Iterator[str]:
         ),
         "Ensemble": StageOptions(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=16),
     }
-    cfg = GraphConfig(engine=tiny_engine_config, stages=stages)
+    # Its own store: the in-process API tests keep the session's Edge shard open, and a
+    # shard has one owner.
+    engine = tiny_engine_config.model_copy(update={"data_dir": tmp_path_factory.mktemp("graph")})
+    cfg = GraphConfig(engine=engine, stages=stages)
     port = _free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:

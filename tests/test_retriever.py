@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from qaserve.config import EmbedderConfig, EngineConfig
 from qaserve.deployments.passages import PassageSplitter, document_id, split_spans
 from qaserve.deployments.retriever import Embedder, Retriever

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from qaserve.config import EngineConfig
 from qaserve.deployments.passages import Passage, SplitDocument
 from qaserve.deployments.store import DocumentStore, EdgeStore, QdrantClientStore, make_store

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from qaserve.subjqa import load_subjqa
 from qaserve.train_reader import (
     best_span,
@@ -24,8 +25,9 @@ FIXTURE = Path(__file__).parent / "fixtures" / "subjqa_mini.csv"
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from qaserve.config import packaged_embedder
     from transformers import AutoTokenizer
+
+    from qaserve.config import packaged_embedder
 
     return AutoTokenizer.from_pretrained(packaged_embedder())
 

@@ -23,9 +23,10 @@ GENERATOR_SEED = 2  # with this seed the tiny LM's first greedy tokens are not E
 
 def tiny_reader_dir(dest: Path, cache_dir: Path) -> Path:
     """A random extractive-QA BERT exported to a self-contained int8 ONNX reader folder."""
-    from qaserve.deployments.onnx_export import write_reader_folder
     from test_reader import _save, random_model
     from transformers import AutoTokenizer
+
+    from qaserve.deployments.onnx_export import write_reader_folder
 
     tokenizer = AutoTokenizer.from_pretrained(packaged_embedder())
     checkpoint = _save(random_model(tokenizer), tokenizer, dest / "checkpoint")
