@@ -26,7 +26,7 @@ DEMO_AUTOSCALING = {
 TEXT = (
     "The sound quality is excellent and the bass is deep. Battery life is about twelve hours "
     "on a single charge, and the headband is comfortable for long sessions. "
-) * 12
+) * 40  # several 384-token windows: each read keeps its replica busy
 
 
 DEMO_APP = "qaserve-autoscale"
@@ -44,9 +44,10 @@ def run_demo(
     stage: str = "Reader",
     load_s: float = 40.0,
     cool_s: float = 40.0,
-    concurrency: int = 6,
+    concurrency: int = 8,
     printer: Any = print,
     app_name: str = DEMO_APP,
+    url: str = "http://127.0.0.1:8000",
 ) -> list[tuple[float, str, int]]:
     """Deploy, load, cool down; returns (seconds, phase, running replicas) samples.
 
@@ -67,17 +68,27 @@ def run_demo(
     )
     cfg = cfg.model_copy(update={"stages": stages})
     serve.run(build_graph(cfg), name=app_name, route_prefix=f"/{app_name}")
-    reader = serve.get_deployment_handle(stage, app_name=app_name)
+    import httpx
+
+    # Through HTTP, as users drive it: the Ingress replica's handle reports the load.
+    endpoint = f"{url}/{app_name}/v1/read"
     request = ReadRequest(
         question="How long does the battery last?", documents=[ReadDocument(id="d", text=TEXT)]
-    )
+    ).model_dump()
     stop = threading.Event()
-    served = [0]
+    served, failed = [0], [0]
 
     def worker() -> None:
+        http = httpx.Client(timeout=60)
         while not stop.is_set():
-            reader.read.remote(request).result()
-            served[0] += 1
+            try:
+                http.post(endpoint, json=request).raise_for_status()
+                served[0] += 1
+            except Exception as exc:  # keep the load on; report the failures
+                failed[0] += 1
+                if failed[0] <= 3:
+                    printer(f"read failed: {type(exc).__name__}: {exc}")
+                time.sleep(0.2)
 
     samples: list[tuple[float, str, int]] = []
     t0 = time.monotonic()
@@ -87,13 +98,16 @@ def run_demo(
     try:
         while (elapsed := time.monotonic() - t0) < load_s:
             samples.append((elapsed, "load", replica_count(stage, app_name)))
-            printer(f"{elapsed:5.1f}s  load  {stage} replicas={samples[-1][2]}  served={served[0]}")
+            printer(
+                f"{elapsed:5.1f}s  load  {stage} replicas={samples[-1][2]}  "
+                f"served={served[0]} failed={failed[0]}"
+            )
             time.sleep(1)
     finally:
         stop.set()
         for t in threads:
             t.join(60)
-    printer(f"load stopped after {served[0]} reads")
+    printer(f"load stopped after {served[0]} reads ({failed[0]} failed)")
     t1 = time.monotonic()
     while (elapsed := time.monotonic() - t0) < load_s + cool_s:
         samples.append((elapsed, "idle", replica_count(stage, app_name)))
@@ -110,7 +124,8 @@ def register(sub: Any) -> None:
     p.add_argument("--config", default="local.yaml")
     p.add_argument("--load-s", type=float, default=40.0)
     p.add_argument("--cool-s", type=float, default=40.0)
-    p.add_argument("--concurrency", type=int, default=6)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--port", type=int, default=8000, help="HTTP port of the demo's Serve proxy")
     p.set_defaults(func=_cmd)
 
 
@@ -123,8 +138,13 @@ def _cmd(args: argparse.Namespace) -> int:
     cfg = GraphConfig.load(resolve_config(args.config))
     ray.init(include_dashboard=False, log_to_driver=False)
     try:
+        serve.start(http_options={"host": "127.0.0.1", "port": args.port})
         samples = run_demo(
-            cfg, load_s=args.load_s, cool_s=args.cool_s, concurrency=args.concurrency
+            cfg,
+            load_s=args.load_s,
+            cool_s=args.cool_s,
+            concurrency=args.concurrency,
+            url=f"http://127.0.0.1:{args.port}",
         )
     finally:
         serve.shutdown()

@@ -186,11 +186,11 @@ def test_autoscaling_up_then_down(tiny_engine_config: Any, tmp_path: Any) -> Non
     graph_yaml = tmp_path / "graph.yaml"
     graph_yaml.write_text(yaml.safe_dump({"engine": engine, "stages": stages}))
     cmd = [sys.executable, "-m", "qaserve.cli", "autoscale-demo", "--config", str(graph_yaml)]
-    cmd += ["--load-s", "40", "--cool-s", "60", "--concurrency", "6"]
+    cmd += ["--load-s", "45", "--cool-s", "60", "--concurrency", "8", "--port", str(_free_port())]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     lines = [ln for ln in out.stdout.splitlines() if "replicas=" in ln]
     counts = [int(ln.split("replicas=")[1].split()[0]) for ln in lines]
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert out.returncode == 0, "\n".join(lines) + out.stderr[-2000:]
     assert max(counts) == 2 and counts[-1] == 1, lines
     peak = counts.index(2)
     assert "load" in lines[peak] and "idle" in lines[-1], lines
