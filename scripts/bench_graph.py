@@ -46,12 +46,12 @@ def main() -> int:
     from qaserve.config import EngineConfig
     from qaserve.engine import Engine
     from qaserve.graph import APP_NAME, BatchOptions, GraphConfig, build_graph
-    from qaserve.loaders import load_documents
-    from qaserve.server import CONFIG_DIR, SAMPLE_CORPUS
+    from qaserve.loaders import sample_documents
+    from qaserve.server import CONFIG_DIR
     from qaserve_client.client import Client
     from qaserve_client.schema import QueryRequest
 
-    docs = load_documents(SAMPLE_CORPUS, meta_fields=["item_id", "domain"])
+    docs = sample_documents()
     items = sorted({d.meta["item_id"] for d in docs})
     stems = [
         "How is the sound quality?",

@@ -15,7 +15,6 @@ from typing import Any
 
 from qaserve.errors import BadRequest, QAServeError
 
-SAMPLE_CORPUS = Path(__file__).resolve().parent / "assets" / "sample" / "reviews.jsonl"
 SAMPLE_QUESTIONS = [
     ("How is the sound quality?", {}),
     ("How long does the battery last?", {}),
@@ -224,12 +223,12 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Ingest the shipped sample corpus (idempotent) and answer a few questions with it."""
-    from qaserve.loaders import load_documents
+    from qaserve.loaders import sample_documents
     from qaserve_client.schema import QueryRequest
 
     engine = _engine(args)
     try:
-        docs = load_documents(SAMPLE_CORPUS, meta_fields=["item_id", "domain"])
+        docs = sample_documents()
         result = engine.ingest(docs, collection=args.collection, progress=False)
         print(f"sample corpus: {len(result.ids)} reviews, {result.passages} passages")
         questions = [(q, {}) for q in args.question] if args.question else SAMPLE_QUESTIONS

@@ -22,7 +22,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from qaserve.config import EngineConfig, ServerConfig, apply_overrides
-from qaserve.engine import query_response
+from qaserve.engine import as_read_documents, query_response
 from qaserve.errors import BadRequest, Overloaded, QAServeError, StageTimeout
 from qaserve.threads import bound_threads
 from qaserve_client.schema import (
@@ -78,8 +78,7 @@ class StageOptions(BaseModel):
         return self
 
     def serve_options(self) -> dict[str, Any]:
-        opts = self.model_dump(exclude_none=True)
-        return opts
+        return self.model_dump(exclude_none=True)
 
 
 def _default_stages() -> dict[str, StageOptions]:
@@ -138,8 +137,8 @@ class GraphConfig(BaseModel):
         unknown = set(self.stages) - set(STAGES)
         if unknown:
             raise ValueError(f"unknown stages {sorted(unknown)}; the stages are {STAGES}")
-        for name in STAGES:
-            self.stages.setdefault(name, _default_stages()[name])
+        for name, default in _default_stages().items():
+            self.stages.setdefault(name, default)
         retr = self.stages["Retriever"]
         if self.engine.store.url is None and (
             retr.autoscaling_config is not None or retr.num_replicas not in (1, None)
@@ -422,10 +421,6 @@ async def _call(response: Awaitable[T]) -> T:
         ) from None
 
 
-def _read_docs(documents: list[RetrievedDocument]) -> list[ReadDocument]:
-    return [ReadDocument(id=d.id, text=d.text, score=d.score) for d in documents]
-
-
 class RayBackend:
     """The `Backend` of serve/api.py over the stage handles."""
 
@@ -471,7 +466,7 @@ class RayBackend:
         read: ReadResponse | None = None
         generated: GenerateResponse | None = None
         if documents:
-            docs = _read_docs(documents)
+            docs = as_read_documents(documents)
             jobs = []
             if request.mode in ("extractive", "ensemble"):
                 jobs.append(
@@ -502,7 +497,7 @@ class RayBackend:
         start = time.perf_counter()
         documents = await self._retrieve(request, timings)
         yield "documents", RetrieveResponse(documents=documents)
-        docs = _read_docs(documents)
+        docs = as_read_documents(documents)
         read_task = None
         if request.mode in ("extractive", "ensemble"):
             if docs:

@@ -54,6 +54,14 @@ def _doc(
         raise BadRequest(f"{where}: {field}: {first['msg']}", field=field) from None
 
 
+SAMPLE_CORPUS = Path(__file__).resolve().parent / "assets" / "sample" / "reviews.jsonl"
+
+
+def sample_documents() -> list[DocumentIn]:
+    """The shipped sample reviews (`make serve` / `qaserve demo` ingest them)."""
+    return load_documents(SAMPLE_CORPUS, meta_fields=["item_id", "domain"])
+
+
 def detect_format(path: Path) -> str:
     fmt = SUFFIXES.get(path.suffix.lower())
     if fmt is None:

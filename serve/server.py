@@ -19,7 +19,6 @@ import yaml
 from qaserve.graph import APP_NAME, STAGES, GraphConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-SAMPLE_CORPUS = Path(__file__).resolve().parent / "assets" / "sample" / "reviews.jsonl"
 
 
 def resolve_config(path: str | Path | None) -> Path | None:
@@ -65,16 +64,16 @@ def render_serve_config(graph_config: str, host: str = "127.0.0.1", port: int = 
     return header + body
 
 
-def _ingest_sample(cfg: GraphConfig) -> None:
+def _ingest_sample() -> None:
     from ray import serve
 
-    from qaserve.loaders import load_documents
+    from qaserve.loaders import sample_documents
     from qaserve_client.schema import IngestRequest
 
     retriever = serve.get_deployment_handle("Retriever", app_name=APP_NAME)
     if retriever.count.remote().result() > 0:
         return
-    docs = load_documents(SAMPLE_CORPUS, meta_fields=["item_id", "domain"])
+    docs = sample_documents()
     result = retriever.ingest.remote(IngestRequest(documents=docs)).result()
     print(
         f"qaserve: ingested the sample corpus "
@@ -123,7 +122,7 @@ def run_server(
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_graph(cfg), name=APP_NAME, route_prefix="/")
         if sample:
-            _ingest_sample(cfg)
+            _ingest_sample()
         url = f"http://{host}:{port}"
         print(
             f"qaserve: serving on {url} (ready in {time.perf_counter() - t0:.1f} s); "
