@@ -84,7 +84,7 @@ def main() -> int:
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     cfg = GraphConfig.load(CONFIG_DIR / "local.yaml", data_dir=data / "graph")
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         t = time.perf_counter()

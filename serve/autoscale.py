@@ -136,7 +136,7 @@ def _cmd(args: argparse.Namespace) -> int:
     from qaserve.server import resolve_config
 
     cfg = GraphConfig.load(resolve_config(args.config))
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
         samples = run_demo(

@@ -104,6 +104,7 @@ def run_server(
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see qaserve.threads
     t0 = time.perf_counter()
     init: dict[str, Any] = {
+        "address": "local",  # a new instance, never a `ray start` cluster found on the machine
         "num_cpus": num_cpus or os.cpu_count(),
         "include_dashboard": False,
         "runtime_env": {"env_vars": env},

@@ -49,7 +49,7 @@ def graph(tiny_engine_config: Any, tmp_path_factory: pytest.TempPathFactory) -> 
     engine = tiny_engine_config.model_copy(update={"data_dir": tmp_path_factory.mktemp("graph")})
     cfg = GraphConfig(engine=engine, stages=stages)
     port = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_graph(cfg), name=APP_NAME, route_prefix="/")
