@@ -348,6 +348,8 @@ def _extensions() -> list[Callable[[Any], None]]:
         "qaserve.train_reader",
         "qaserve.evaluate",
         "qaserve.bench",
+        "qaserve.cluster",
+        "qaserve.loadtest",
     ):
         try:
             mod = __import__(module, fromlist=["register"])
