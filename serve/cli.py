@@ -349,7 +349,7 @@ def _extensions() -> list[Callable[[Any], None]]:
         "qaserve.evaluate",
         "qaserve.bench",
         "qaserve.cluster",
-        "qaserve.loadtest",
+        "qaserve.loadtests.run",
     ):
         try:
             mod = __import__(module, fromlist=["register"])

@@ -1,0 +1,193 @@
+"""`qaserve loadtest-compare`: the same Locust profile against the plain baseline and the graph
+(one replica per stage, and autoscaling), alternating, with the ratios a user decides by.
+
+Each system is started fresh for its turn (same machine, same CPU budget: Ray's CPU grants
+add up to 2, the baseline runs torch on 2 threads), its store filled with the same reviews,
+loaded, and stopped; the order alternates between rounds so drift in the shared machine's
+background load hits every system alike.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from qaserve.loadtests.profiles import load_profile
+from qaserve.loadtests.report import (
+    StepStats,
+    plot_throughput_vs_users,
+    save_steps,
+    step_stats,
+    steps_table,
+)
+from qaserve.loadtests.run import (
+    ServerProcess,
+    free_port,
+    ingest,
+    prepare_workload,
+    report_run,
+    run_locust,
+    start_graph,
+)
+from qaserve.loadtests.workload import SAMPLE_DATA
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+SYSTEMS = ("baseline", "graph-fixed", "graph-autoscale")
+
+
+def start_system(name: str, out: Path, reader_checkpoint: str | None) -> ServerProcess:
+    if name == "baseline":
+        if not reader_checkpoint:
+            raise ValueError("the baseline needs --reader-checkpoint (a torch reader checkpoint)")
+        port = free_port()
+        cmd = [sys.executable, "-m", "qaserve.loadtests.baseline", "--reader", reader_checkpoint]
+        cmd += ["--port", str(port), "--threads", "2"]
+        server = ServerProcess(cmd, port, out / "server.log")
+        try:
+            server.wait_ready(600)
+        except BaseException:
+            server.stop()
+            raise
+        return server
+    config = str(CONFIGS / "graph-fixed.yaml") if name == "graph-fixed" else "local.yaml"
+    return start_graph(config, out)
+
+
+def merge_rounds(rounds: list[list[StepStats]]) -> list[StepStats]:
+    """Per step, the median over rounds of each figure."""
+    merged = []
+    for steps in zip(*rounds, strict=True):
+        first = steps[0]
+
+        def med(attr: str, steps: tuple[StepStats, ...] = steps) -> float:
+            return statistics.median(getattr(s, attr) for s in steps)
+
+        statuses: dict[str, int] = {}
+        for s in steps:
+            for k, v in s.statuses.items():
+                statuses[k] = statuses.get(k, 0) + v
+        merged.append(
+            StepStats(
+                step=first.step,
+                users=first.users,
+                seconds=first.seconds,
+                requests=int(med("requests")),
+                errors=int(med("errors")),
+                rps=med("rps"),
+                p50_ms=med("p50_ms"),
+                p95_ms=med("p95_ms"),
+                p99_ms=med("p99_ms"),
+                statuses=statuses,
+            )
+        )
+    return merged
+
+
+def throughput_within(rows: list[StepStats], p95_ms: float, max_errors: float = 0.01) -> float:
+    """The best successful req/s of any step whose p95 and error ratio stay within budget."""
+    ok = [r.rps for r in rows if r.p95_ms <= p95_ms and r.error_ratio <= max_errors]
+    return max(ok, default=0.0)
+
+
+def ratios(systems: dict[str, list[StepStats]], p95_budget_ms: float) -> str:
+    base = systems.get("baseline")
+    lines = [
+        f"| system | req/s within p95 <= {p95_budget_ms:g} ms | peak req/s | "
+        + " | ".join(f"p95 ms @{r.users}u" for r in next(iter(systems.values())))
+        + " | errors @ top step |",
+        "|---" * (4 + len(next(iter(systems.values())))) + "|",
+    ]
+    for name, rows in systems.items():
+        thr = throughput_within(rows, p95_budget_ms)
+        peak = max(r.rps for r in rows)
+        cells = [f"{thr:.2f}", f"{peak:.2f}"]
+        if base is not None and name != "baseline":
+            bthr = throughput_within(base, p95_budget_ms)
+            bpeak = max(r.rps for r in base)
+            cells[0] += f" ({thr / bthr:.2f}x)" if bthr else " (baseline: 0)"
+            cells[1] += f" ({peak / bpeak:.2f}x)" if bpeak else ""
+        for i, r in enumerate(rows):
+            cell = f"{r.p95_ms:.0f}"
+            if base is not None and name != "baseline" and r.p95_ms > 0:
+                cell += f" ({base[i].p95_ms / r.p95_ms:.2f}x)"
+            cells.append(cell)
+        top = rows[-1]
+        cells.append(f"{top.error_ratio:.1%} ({top.errors}/{top.requests})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def cmd_compare(args: Any) -> int:
+    profile = load_profile(args.profile, args.profiles)
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = set(systems) - set(SYSTEMS)
+    if unknown:
+        print(f"qaserve loadtest-compare: unknown systems {sorted(unknown)}", file=sys.stderr)
+        return 2
+    if "baseline" in systems and not args.reader_checkpoint:
+        print(
+            "qaserve loadtest-compare: --reader-checkpoint is required for the baseline "
+            "(the torch checkpoint `qaserve train-reader` wrote, or a hub id)",
+            file=sys.stderr,
+        )
+        return 2
+    out = Path(args.out or f"runs/compare/{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    workload, docs = prepare_workload(args.data, args.split, args.max_questions, out)
+    per_system: dict[str, list[list[StepStats]]] = {s: [] for s in systems}
+    for rnd in range(args.rounds):
+        order = systems if rnd % 2 == 0 else systems[::-1]
+        for name in order:
+            run_out = out / f"{name}-round{rnd + 1}"
+            run_out.mkdir(parents=True, exist_ok=True)
+            print(f"\n=== round {rnd + 1}/{args.rounds}: {name} ===", flush=True)
+            t0 = time.perf_counter()
+            with start_system(name, run_out, args.reader_checkpoint) as server:
+                print(f"{name} ready in {time.perf_counter() - t0:.1f} s", flush=True)
+                ingest(server.url, docs, None)
+                result = run_locust(server.url, profile, workload, run_out / "locust")
+            report_run(result, profile, None, f"{name}, round {rnd + 1}")
+            steps = step_stats(result.samples, profile)
+            save_steps(steps, run_out / "steps.json")
+            per_system[name].append(steps)
+    merged = {name: merge_rounds(rounds) for name, rounds in per_system.items() if rounds}
+    text = [f"# qaserve loadtest-compare --profile {args.profile} ({args.rounds} rounds)\n"]
+    for name, rows in merged.items():
+        text.append(f"## {name} (median of {args.rounds} rounds per step)\n\n{steps_table(rows)}\n")
+    text.append(
+        "## Ratios (graph against baseline; p95 columns: baseline p95 / system p95)\n\n"
+        + ratios(merged, args.p95_budget_ms)
+        + "\n"
+    )
+    report = "\n".join(text)
+    (out / "compare.md").write_text(report)
+    (out / "compare.json").write_text(
+        json.dumps({k: [vars(r) for r in v] for k, v in merged.items()}, indent=1)
+    )
+    plot = plot_throughput_vs_users(
+        merged, out / "throughput.png", f"profile {args.profile}: throughput and p95 vs users"
+    )
+    print("\n" + report)
+    print(f"written: {out / 'compare.md'}, {plot}")
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "loadtest-compare",
+        help="the same Locust profile against the plain baseline and the graph, with ratios",
+    )
+    p.add_argument("--reader-checkpoint", default=None, help="torch reader for the baseline")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"any of {','.join(SYSTEMS)}")
+    p.add_argument("--profile", default="steps")
+    p.add_argument("--profiles", default=None)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--p95-budget-ms", type=float, default=1000.0)
+    p.add_argument("--data", default=str(SAMPLE_DATA))
+    p.add_argument("--split", default="test")
+    p.add_argument("--max-questions", type=int, default=None)
+    p.add_argument("--out", default=None, help="output folder (default: runs/compare/<time>)")
+    p.set_defaults(func=cmd_compare)
