@@ -62,7 +62,10 @@ class Baseline:
         torch.set_num_threads(threads)
         self.encoder = SentenceTransformer(embedder, device="cpu")
         self.qdrant = QdrantClient(":memory:")
-        dim = self.encoder.get_sentence_embedding_dimension()
+        dim = getattr(self.encoder, "get_embedding_dimension", None) or (
+            self.encoder.get_sentence_embedding_dimension
+        )
+        dim = dim()
         self.qdrant.create_collection(
             COLLECTION, vectors_config=models.VectorParams(size=dim, distance="Cosine")
         )
@@ -300,7 +303,7 @@ def build_app(baseline: Baseline) -> FastAPI:
             return StreamingResponse(baseline.stream(body), media_type="text/event-stream")
         return baseline.generate(body)
 
-    @app.post("/v1/query")
+    @app.post("/v1/query", response_model=None)
     def query(body: QueryRequest) -> QueryResponse | JSONResponse:
         if body.stream:
             return JSONResponse({"error": "the baseline does not stream queries"}, 400)
