@@ -6,7 +6,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export QASERVE_DATA_DIR ?= $(CURDIR)/.qaserve/data
 export QASERVE_CACHE_DIR ?= $(CURDIR)/.qaserve/cache
 
-.PHONY: setup serve demo test test-fast lint format clean
+.PHONY: setup serve demo test test-fast loadtest lint format clean
 
 setup:
 	@bash scripts/setup.sh
@@ -22,6 +22,9 @@ test: setup  ## the whole suite, as CI runs it
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+loadtest: setup  ## start the graph, run the `check` Locust profile, check loadtests/constraints.yaml
+	$(VENV)/bin/qaserve loadtest
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from qaserve.loadtests.profiles import load_profile
+from qaserve.loadtests.profiling import where_cpu_went
 from qaserve.loadtests.report import (
     StepStats,
     plot_throughput_vs_users,
@@ -148,8 +149,10 @@ def cmd_compare(args: Any) -> int:
             with start_system(name, run_out, args.reader_checkpoint) as server:
                 print(f"{name} ready in {time.perf_counter() - t0:.1f} s", flush=True)
                 ingest(server.url, docs, None)
-                result = run_locust(server.url, profile, workload, run_out / "locust")
+                with where_cpu_went(run_out, profile.seconds, []) as cpu:
+                    result = run_locust(server.url, profile, workload, run_out / "locust")
             report_run(result, profile, None, f"{name}, round {rnd + 1}")
+            print("\n\n".join(cpu))
             steps = step_stats(result.samples, profile)
             save_steps(steps, run_out / "steps.json")
             per_system[name].append(steps)

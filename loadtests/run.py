@@ -30,6 +30,7 @@ from qaserve.loadtests.constraints import (
     summary_table,
 )
 from qaserve.loadtests.profiles import PROFILES_FILE, Profile, load_profile
+from qaserve.loadtests.profiling import where_cpu_went
 from qaserve.loadtests.report import (
     load_samples,
     plot_latency_over_time,
@@ -224,13 +225,15 @@ def cmd_loadtest(args: Any) -> int:
             print(f"server ready on {url} in {time.perf_counter() - t0:.1f} s")
         if not args.no_ingest:
             print(f"ingest took {ingest(url, docs, args.api_key):.1f} s")
-        result = run_locust(url, profile, workload, out / "locust", args.api_key)
+        with where_cpu_went(out, profile.seconds, args.py_spy or []) as cpu:
+            result = run_locust(url, profile, workload, out / "locust", args.api_key)
     finally:
         if server is not None:
             rc = server.stop()
             print(f"server stopped (exit {rc})")
     title = f"qaserve loadtest --profile {args.profile}"
     violations = report_run(result, profile, constraints, title)
+    print("\n\n".join(cpu))
     (out / "result.json").write_text(
         json.dumps({"violations": [str(v) for v in violations], "url": url}, indent=1)
     )
@@ -261,6 +264,12 @@ def register(sub: Any) -> None:
     p.add_argument("--out", default=None, help="output folder (default: runs/loadtest/<time>)")
     p.add_argument("--api-key", default=os.environ.get("QASERVE_API_KEY"))
     p.add_argument("--startup-timeout", type=float, default=600.0)
+    p.add_argument(
+        "--py-spy",
+        action="append",
+        metavar="STAGE",
+        help="record py-spy stacks of this stage's replicas during the run (repeatable)",
+    )
     p.set_defaults(func=cmd_loadtest)
     from qaserve.loadtests.compare import register as register_compare
 
