@@ -525,6 +525,12 @@ class QdrantClientStore:
                 self._exists = bool(self._client.collection_exists(self.collection))
         return self._exists
 
+    def cluster_settings(self) -> dict[str, int]:
+        """Sharding and replication for a new collection on a Qdrant cluster (None: the
+        server's default); qdrant-client's local mode accepts and ignores them."""
+        names = ("shard_number", "replication_factor", "write_consistency_factor")
+        return {k: getattr(self.cfg, k) for k in names if getattr(self.cfg, k) is not None}
+
     def _create(self) -> None:
         from qdrant_client import models as m
 
@@ -540,8 +546,13 @@ class QdrantClientStore:
             return
         self._client.create_collection(
             self.collection,
-            vectors_config={DENSE: m.VectorParams(size=self.dim, distance=m.Distance.COSINE)},
+            vectors_config={
+                DENSE: m.VectorParams(
+                    size=self.dim, distance=m.Distance.COSINE, on_disk=self.cfg.on_disk or None
+                )
+            },
             sparse_vectors_config={SPARSE: m.SparseVectorParams(modifier=m.Modifier.IDF)},
+            **self.cluster_settings(),
         )
         if not self.local:  # local mode has no payload indexes (and warns)
             indexes = {"doc_id": m.PayloadSchemaType.KEYWORD}

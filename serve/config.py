@@ -96,11 +96,20 @@ class StoreConfig(_Cfg):
     # url None -> Qdrant Edge in-process under data_dir; "http(s)://..." -> qdrant-client;
     # ":memory:" or "path:/dir" -> qdrant-client's local mode (tests, no server binary here).
     url: str | None = None
-    api_key: str | None = Field(default_factory=lambda: os.environ.get("QDRANT_API_KEY"))
+    # From QDRANT_API_KEY on each node, never from a file nor the arguments Serve stores.
+    api_key: str | None = Field(
+        default_factory=lambda: os.environ.get("QDRANT_API_KEY"), exclude=True, repr=False
+    )
     collection: str = "documents"
     passage_tokens: int = 200
     passage_overlap: int = 32
     indexed_fields: list[str] = Field(default_factory=lambda: ["item_id"])
+    # Applied when qdrant-client creates the collection on a Qdrant cluster (server mode);
+    # None leaves the server's default. See docs/DEPLOYMENTS.md for how to choose them.
+    shard_number: int | None = Field(None, ge=1)
+    replication_factor: int | None = Field(None, ge=1)
+    write_consistency_factor: int | None = Field(None, ge=1)
+    on_disk: bool = False  # original vectors on disk (memmap) instead of in RAM
 
 
 class ReaderConfig(_Cfg):
@@ -135,12 +144,30 @@ class EnsembleConfig(_Cfg):
 class EngineConfig(_Cfg):
     data_dir: Path = Field(default_factory=default_data_dir)
     cache_dir: Path = Field(default_factory=default_cache_dir)
+    # Where published models live (a local or shared path, file://, s3://, gs://, ...): a
+    # model named `store:<digest>` is fetched from here into cache_dir (qaserve.modelstore).
+    model_store: str | None = Field(
+        default_factory=lambda: os.environ.get("QASERVE_MODEL_STORE") or None
+    )
     threads: int = Field(default_factory=lambda: int(os.environ.get("QASERVE_THREADS", "0")))
     embedder: EmbedderConfig = Field(default_factory=EmbedderConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     reader: ReaderConfig = Field(default_factory=ReaderConfig)
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
     ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig)
+
+    def resolve_models(self) -> EngineConfig:
+        """This config with model-store references (`store:<digest>`, `s3://...`) replaced by
+        local copies fetched into cache_dir; hub ids and local paths stay as they are."""
+        from qaserve.modelstore import is_reference, resolve
+
+        if not any(is_reference(s.model) for s in (self.embedder, self.reader, self.generator)):
+            return self
+        cfg = self.model_copy(deep=True)
+        for stage in (cfg.embedder, cfg.reader, cfg.generator):
+            if stage.model is not None and is_reference(stage.model):
+                stage.model = resolve(stage.model, cfg.cache_dir, cfg.model_store)
+        return cfg
 
     @classmethod
     def load(cls, path: str | Path | None = None, **overrides: Any) -> EngineConfig:

@@ -72,7 +72,7 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
 
 class Engine:
     def __init__(self, cfg: EngineConfig | None = None) -> None:
-        self.cfg = cfg or EngineConfig.load()
+        self.cfg = (cfg or EngineConfig.load()).resolve_models()
         self.threads = bound_threads(self.cfg.threads or None)
 
     # Stages, built on first use.

@@ -12,6 +12,8 @@ the Embedder scales; with a Qdrant URL the Retriever scales too.
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
@@ -155,14 +157,49 @@ class GraphConfig(BaseModel):
         keyword overrides (dotted keys) apply to the engine section."""
         data: dict[str, Any] = {}
         if path:
-            import yaml
+            data = read_graph_yaml(path)
+        return cls.from_data(data, **engine_overrides)
 
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
-            if not isinstance(data, dict):
-                raise ValueError(f"{path}: expected a mapping at the top level")
+    @classmethod
+    def from_data(cls, data: dict[str, Any], **engine_overrides: Any) -> GraphConfig:
+        """From the parsed YAML, `${VAR}` / `${VAR:-default}` expanded from this process's
+        environment (so a cluster's Qdrant URL can come from the nodes, not the file)."""
+        data = expand_env(dict(data))
         data["engine"] = apply_overrides(dict(data.get("engine") or {}), engine_overrides)
         return cls.model_validate(data)
+
+
+def read_graph_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(value: Any) -> Any:
+    """`${VAR}` and `${VAR:-default}` in every string of a parsed YAML; an unset variable
+    without a default is an error rather than an empty string."""
+    if isinstance(value, dict):
+        return {k: expand_env(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def sub(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        found = os.environ.get(name) or default
+        if found is None:
+            raise ValueError(f"${{{name}}} is not set and has no default (${{{name}:-...}})")
+        return found
+
+    return _ENV_REF.sub(sub, value)
 
 
 def replica_threads() -> int:
@@ -183,10 +220,11 @@ def replica_threads() -> int:
 
 def _engine_cfg(cfg: dict[str, Any]) -> EngineConfig:
     """The engine config for this replica: a replica granted a GPU (`num_gpus` in its
-    ray_actor_options) runs its model on CUDA (ONNX Runtime's CUDA provider for the reader)."""
+    ray_actor_options) runs its model on CUDA (ONNX Runtime's CUDA provider for the reader).
+    Models named in the model store are fetched into this node's cache first."""
     import ray
 
-    engine = EngineConfig.model_validate(cfg)
+    engine = EngineConfig.model_validate(cfg).resolve_models()
     try:
         gpus = ray.get_gpu_ids()
     except Exception:
@@ -657,11 +695,15 @@ def build_graph(cfg: GraphConfig) -> Any:
 def app(args: dict[str, Any]) -> Any:
     """Application builder for Serve config files: `import_path: qaserve.graph:app`.
 
-    `args.config` names a qaserve graph YAML; `args.data_dir` overrides the store folder.
+    `args.config` names a qaserve graph YAML (a path on the cluster, or one of the packaged
+    configs); `args.graph` carries the graph inline instead (what `qaserve deploy` sends, so
+    the file need not exist on the cluster); `args.data_dir` overrides the store folder.
     """
     from qaserve.server import resolve_config
 
     overrides = {}
     if args.get("data_dir"):
         overrides["data_dir"] = args["data_dir"]
+    if args.get("graph") is not None:
+        return build_graph(GraphConfig.from_data(args["graph"], **overrides))
     return build_graph(GraphConfig.load(resolve_config(args.get("config")), **overrides))
