@@ -212,14 +212,12 @@ def summary_table(
         )
     tot = overall(stats)
     lim = constraints.overall
-    limits = ", ".join(
-        text
-        for text, value in (
-            (f"errors <= {lim.max_error_ratio:g}", lim.max_error_ratio),
-            (f"req/s >= {lim.min_rps:g}", lim.min_rps),
-        )
-        if value is not None
-    )
+    parts = []
+    if lim.max_error_ratio is not None:
+        parts.append(f"errors <= {lim.max_error_ratio:g}")
+    if lim.min_rps is not None:
+        parts.append(f"req/s >= {lim.min_rps:g}")
+    limits = ", ".join(parts)
     ok = ("FAIL" if "overall" in broken else "ok") if limits else ""
     lines.append(
         f"| **overall** | {tot.requests} | {tot.failures} | {tot.rps:.2f} | | | | {limits} | {ok} |"

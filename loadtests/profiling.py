@@ -27,7 +27,7 @@ def label(proc: psutil.Process) -> str:
         cmd = proc.cmdline()
         name = proc.name()
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return "gone"
+        return "other (exited)"
     head = " ".join(cmd[:4]) if cmd else name
     m = _REPLICA.search(head)
     if m:
@@ -60,12 +60,20 @@ def _cpu(proc: psutil.Process) -> float:
         return 0.0
 
 
+def _children_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 class CpuAccount:
     """CPU seconds per label between start() and stop(), over every process on the machine."""
 
     def start(self) -> CpuAccount:
         self.t0 = time.monotonic()
         self.before = {p.pid: _cpu(p) for p in psutil.process_iter()}
+        self.children0 = _children_cpu()
         return self
 
     def stop(self) -> dict[str, float]:
@@ -73,6 +81,8 @@ class CpuAccount:
         used: Counter[str] = Counter()
         for p in psutil.process_iter():
             used[label(p)] += max(0.0, _cpu(p) - self.before.get(p.pid, 0.0))
+        # Locust has exited by now: its CPU is in this process's reaped-children usage.
+        used["locust (load generator)"] += _children_cpu() - self.children0
         self.used = dict(used.most_common())
         return self.used
 
