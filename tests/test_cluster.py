@@ -59,12 +59,17 @@ def deployed(
         pinned_stages,
         wait_running,
     )
+    from qaserve.modelstore import publish
 
     work = tmp_path_factory.mktemp("cluster")
     engine = tiny_engine_config.model_dump(mode="json") | {
         "data_dir": str(work / "data"),
+        "cache_dir": str(work / "node-cache"),
         "store": {"url": f"path:{work / 'qdrant'}", "shard_number": 2, "replication_factor": 1},
+        # The reader reaches its node through the model store, by content hash.
+        "model_store": f"file://{work / 'models'}",
     }
+    engine["reader"]["model"] = publish(tiny_engine_config.reader.model, str(work / "models"))
     graph = work / "graph.yaml"
     graph.write_text(yaml.safe_dump({"engine": engine, "stages": pinned_stages(DRILL_PLACEMENT)}))
     lc = LocalCluster({"qaserve_cpu": 100}, num_cpus=2)
@@ -139,6 +144,9 @@ def test_the_sdk_through_the_cluster_with_qdrant_client_mode(deployed: Deployed)
         assert [m.format for m in stores] == ["qdrant-client"], stores
     # The Retriever on the store node wrote through qdrant-client (local mode on disk here).
     assert (deployed.qdrant / "collection" / "documents").is_dir()
+    # The Reader replica fetched its model from the store into the node's cache, verified.
+    fetched = list((deployed.qdrant.parent / "node-cache" / "models").glob("*/qaserve-model.json"))
+    assert len(fetched) == 1, fetched
 
 
 def test_losing_the_reader_node_costs_a_bounded_window_and_no_documents(deployed: Deployed) -> None:
