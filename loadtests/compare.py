@@ -41,6 +41,9 @@ SYSTEMS = ("baseline", "graph-fixed", "graph-autoscale")
 
 
 def start_system(name: str, out: Path, reader_checkpoint: str | None) -> ServerProcess:
+    """`baseline`, `graph-fixed`, `graph-autoscale`, or `NAME=GRAPH_YAML` (any graph config)."""
+    if "=" in name:
+        return start_graph(str(Path(name.partition("=")[2]).resolve()), out)
     if name == "baseline":
         if not reader_checkpoint:
             raise ValueError("the baseline needs --reader-checkpoint (a torch reader checkpoint)")
@@ -147,7 +150,7 @@ def cmd_compare(args: Any) -> int:
         return 0
     profile = load_profile(args.profile, args.profiles)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = set(systems) - set(SYSTEMS)
+    unknown = {s for s in systems if s not in SYSTEMS and "=" not in s}
     if unknown:
         print(f"qaserve loadtest-compare: unknown systems {sorted(unknown)}", file=sys.stderr)
         return 2
@@ -164,7 +167,7 @@ def cmd_compare(args: Any) -> int:
     for rnd in range(args.rounds):
         order = systems if rnd % 2 == 0 else systems[::-1]
         for name in order:
-            run_out = out / f"{name}-round{rnd + 1}"
+            run_out = out / f"{name.partition('=')[0]}-round{rnd + 1}"
             run_out.mkdir(parents=True, exist_ok=True)
             print(f"\n=== round {rnd + 1}/{args.rounds}: {name} ===", flush=True)
             t0 = time.perf_counter()
@@ -178,7 +181,9 @@ def cmd_compare(args: Any) -> int:
             steps = step_stats(result.samples, profile)
             save_steps(steps, run_out / "steps.json")
             per_system[name].append(steps)
-    merged = {name: merge_rounds(rounds) for name, rounds in per_system.items() if rounds}
+    merged = {
+        name.partition("=")[0]: merge_rounds(runs) for name, runs in per_system.items() if runs
+    }
     title = f"qaserve loadtest-compare --profile {args.profile}, median of {args.rounds} rounds"
     (out / "compare.json").write_text(
         json.dumps(
@@ -197,7 +202,11 @@ def register(sub: Any) -> None:
         help="the same Locust profile against the plain baseline and the graph, with ratios",
     )
     p.add_argument("--reader-checkpoint", default=None, help="torch reader for the baseline")
-    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"any of {','.join(SYSTEMS)}")
+    p.add_argument(
+        "--systems",
+        default=",".join(SYSTEMS),
+        help=f"comma-separated: any of {','.join(SYSTEMS)}, or NAME=GRAPH_YAML",
+    )
     p.add_argument("--profile", default="steps")
     p.add_argument("--profiles", default=None)
     p.add_argument("--rounds", type=int, default=2)
