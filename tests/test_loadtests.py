@@ -240,13 +240,21 @@ def test_headless_run_against_the_app(
 def test_headless_run_against_the_baseline(
     tiny_engine_config: Any, serve_app: Any, tmp_path: Path
 ) -> None:
+    import torch
+
     from qaserve.config import packaged_embedder
     from qaserve.loadtests.baseline import Baseline, build_app
 
+    threads = torch.get_num_threads()  # the baseline sets torch's process-wide thread count
     checkpoint = Path(tiny_engine_config.reader.model).parent / "checkpoint"
-    baseline = Baseline(str(checkpoint), packaged_embedder(), tiny_engine_config.generator.model, 1)
-    url = serve_app(build_app(baseline))
-    assert _loadtest(url, tmp_path, LIMITS) == 0
+    try:
+        baseline = Baseline(
+            str(checkpoint), packaged_embedder(), tiny_engine_config.generator.model, 1
+        )
+        url = serve_app(build_app(baseline))
+        assert _loadtest(url, tmp_path, LIMITS) == 0
+    finally:
+        torch.set_num_threads(threads)
     stats = read_locust_stats(tmp_path / "locust" / "locust_stats.csv")
     assert stats["read"].requests > 0 and stats["generate:stream"].failures == 0
 
