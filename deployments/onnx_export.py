@@ -163,7 +163,7 @@ def _ensure_variant(source: str, src: Path, digest: str, root: Path, variant: st
     if (final / META_NAME).exists():
         return final
     root.mkdir(parents=True, exist_ok=True)
-    with _file_lock(root / f".{variant}.lock"):
+    with file_lock(root / f".{variant}.lock"):
         if (final / META_NAME).exists():  # another process built it while we waited
             return final
         parent = None
@@ -198,20 +198,26 @@ def _ensure_variant(source: str, src: Path, digest: str, root: Path, variant: st
                 meta["inputs"] = read_export_meta(parent)["inputs"]
             # export.json last: its presence marks a complete folder.
             (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-            tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
-            try:
-                tmp.rename(final)
-            except OSError:
-                if not (final / META_NAME).exists():
-                    raise
+            move_into_place(tmp, final, META_NAME)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     log.info("exported reader %s (%s) to %s", source, variant, final)
     return final
 
 
+def move_into_place(tmp: Path, final: Path, marker: str) -> None:
+    """One atomic rename of a finished temp folder; losing the race to a complete copy (its
+    `marker` file present) is fine. Shared by the export cache and the model store."""
+    tmp.chmod(0o755)  # mkdtemp makes it private; a cache or store may be shared
+    try:
+        tmp.rename(final)
+    except OSError:
+        if not (final / marker).exists():
+            raise
+
+
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
     """An advisory lock where the OS has one; the atomic rename is what guarantees safety."""
     try:
         import fcntl

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from qaserve.deployments.onnx_export import file_lock, move_into_place
 from qaserve.errors import ConfigError
 
 MANIFEST = "qaserve-model.json"
@@ -127,7 +127,7 @@ def publish(src: str | Path, store: str) -> str:
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{digest[:12]}-", dir=dest.parent))
         try:
             _write_local(tmp, files, manifest)
-            _into_place(tmp, dest)
+            move_into_place(tmp, dest, MANIFEST)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     else:
@@ -147,16 +147,6 @@ def _write_local(dest: Path, files: list[tuple[str, Path]], manifest: dict[str, 
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target)
     (dest / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-
-
-def _into_place(tmp: Path, final: Path) -> None:
-    """One atomic rename; losing the race to an identical copy is fine."""
-    tmp.chmod(0o755)  # mkdtemp makes it private; a store or cache may be shared
-    try:
-        os.rename(tmp, final)
-    except OSError:
-        if not (final / MANIFEST).exists():
-            raise
 
 
 # --- resolving on a node --------------------------------------------------------------------
@@ -190,9 +180,8 @@ def resolve(model: str, cache_dir: str | Path, store: str | None = None) -> str:
     final = root / digest
     if not (final / MANIFEST).exists():
         root.mkdir(parents=True, exist_ok=True)
-        from qaserve.deployments.onnx_export import _file_lock
 
-        with _file_lock(root / f".{digest}.lock"):
+        with file_lock(root / f".{digest}.lock"):
             if not (final / MANIFEST).exists():  # another replica fetched it while we waited
                 _fetch(uri, digest, root, final)
     manifest = json.loads((final / MANIFEST).read_text())
@@ -221,7 +210,7 @@ def _fetch(uri: str, digest: str, root: Path, final: Path) -> None:
                 fs.get_file(_join(path, name), str(tmp / name))
         _verify(tmp, manifest, digest, uri)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _into_place(tmp, final)
+        move_into_place(tmp, final, MANIFEST)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
