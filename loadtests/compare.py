@@ -27,7 +27,6 @@ from qaserve.loadtests.report import (
 )
 from qaserve.loadtests.run import (
     ServerProcess,
-    free_port,
     ingest,
     prepare_workload,
     report_run,
@@ -35,6 +34,7 @@ from qaserve.loadtests.run import (
     start_graph,
 )
 from qaserve.loadtests.workload import SAMPLE_DATA
+from qaserve.server import free_port
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 SYSTEMS = ("baseline", "graph-fixed", "graph-autoscale")
@@ -50,13 +50,7 @@ def start_system(name: str, out: Path, reader_checkpoint: str | None) -> ServerP
         port = free_port()
         cmd = [sys.executable, "-m", "qaserve.loadtests.baseline", "--reader", reader_checkpoint]
         cmd += ["--port", str(port), "--threads", "2"]
-        server = ServerProcess(cmd, port, out / "server.log")
-        try:
-            server.wait_ready(600)
-        except BaseException:
-            server.stop()
-            raise
-        return server
+        return ServerProcess.start(cmd, port, out / "server.log")
     config = str(CONFIGS / "graph-fixed.yaml") if name == "graph-fixed" else "local.yaml"
     return start_graph(config, out)
 

@@ -108,10 +108,11 @@ def plot_latency_over_time(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    reqs = [s for s in requests_only(samples) if s["ok"]]
+    all_reqs = requests_only(samples)
+    reqs = [s for s in all_reqs if s["ok"]]
     if not reqs:
         return None
-    t0 = min(s["t"] for s in requests_only(samples))
+    t0 = min(s["t"] for s in all_reqs)
     buckets: dict[int, list[dict[str, Any]]] = {}
     for s in reqs:
         buckets.setdefault(int((s["t"] - t0) // bucket_s), []).append(s)

@@ -10,7 +10,6 @@ import ipaddress
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -38,7 +37,8 @@ from qaserve.loadtests.report import (
     step_stats,
     steps_table,
 )
-from qaserve.loadtests.workload import SAMPLE_DATA, Workload, from_subjqa
+from qaserve.loadtests.workload import SAMPLE_DATA, from_subjqa
+from qaserve.server import free_port
 from qaserve_client.schema import DocumentIn
 
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
@@ -56,27 +56,28 @@ def check_loopback(url: str) -> str:
     return url.rstrip("/")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class ServerProcess:
     """A server started for the run on a free loopback port, stopped with SIGTERM (then
     SIGKILL of its process group) however the run ends."""
 
-    def __init__(self, cmd: list[str], port: int, log: Path, env: dict[str, str] | None = None):
+    def __init__(self, cmd: list[str], port: int, log: Path):
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log
         self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            cmd,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-            start_new_session=True,
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
         )
+
+    @classmethod
+    def start(cls, cmd: list[str], port: int, log: Path, timeout_s: float = 600) -> ServerProcess:
+        """Started and ready (GET /readyz is 200), or stopped again and the error raised."""
+        server = cls(cmd, port, log)
+        try:
+            server.wait_ready(timeout_s)
+        except BaseException:
+            server.stop()
+            raise
+        return server
 
     def wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -117,13 +118,7 @@ def start_graph(config: str, out: Path, startup_timeout_s: float = 600) -> Serve
     port = free_port()
     cmd = [sys.executable, "-m", "qaserve.cli", "serve", "--config", config]
     cmd += ["--port", str(port), "--data-dir", str(out / "data"), "--no-sample"]
-    server = ServerProcess(cmd, port, out / "server.log")
-    try:
-        server.wait_ready(startup_timeout_s)
-    except BaseException:
-        server.stop()
-        raise
-    return server
+    return ServerProcess.start(cmd, port, out / "server.log", startup_timeout_s)
 
 
 def ingest(url: str, docs: list[DocumentIn], api_key: str | None, batch: int = 16) -> float:
@@ -180,6 +175,7 @@ def prepare_workload(
 ) -> tuple[Path, list[DocumentIn]]:
     workload, docs = from_subjqa(data, split, max_questions)
     out.mkdir(parents=True, exist_ok=True)
+    print(f"workload: {len(workload.questions)} questions, {len(docs)} reviews from {data}")
     return workload.save(out / "workload.json"), docs
 
 
@@ -212,8 +208,6 @@ def cmd_loadtest(args: Any) -> int:
     out = Path(args.out or f"runs/loadtest/{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     workload, docs = prepare_workload(args.data, args.split, args.max_questions, out)
-    n = len(Workload.load(workload).questions)
-    print(f"workload: {n} questions, {len(docs)} reviews from {args.data}")
     print(f"profile {args.profile}: {profile.seconds:.0f} s, up to {profile.steps[-1].users} users")
     server = None
     try:

@@ -44,7 +44,7 @@ def one_run(workdir: Path, engine: dict, interval_s: float, settle_s: float) -> 
         lc.add("store", {"qaserve_store": 100})
         lc.add("reader-a", {"qaserve_reader": 100})
         lc.wait_dashboard()
-        from qaserve.cluster import free_port
+        from qaserve.server import free_port
 
         port = free_port()
         t0 = time.monotonic()

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from qaserve.graph import APP_NAME, STAGES, GraphConfig, read_graph_yaml
-from qaserve.server import resolve_config, serve_config
+from qaserve.server import free_port, resolve_config, serve_config
 
 NODE_KIND_PREFIXES = ("qaserve_", "qaserve.io/")
 
@@ -313,14 +313,6 @@ class Drill:
 
 
 # --- a multi-node cluster on one machine (drills and tests) --------------------------------------
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # The drills' placement: each stage pinned to a kind of node by a custom resource.

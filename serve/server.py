@@ -21,6 +21,15 @@ from qaserve.graph import APP_NAME, STAGES, GraphConfig
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
+def free_port() -> int:
+    """A TCP port free on loopback now (servers, Ray nodes and load tests started here)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def resolve_config(path: str | Path | None) -> Path | None:
     """A path as given, else a file of that name among the packaged configs."""
     if path is None:

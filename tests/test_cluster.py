@@ -55,11 +55,11 @@ def deployed(
     from qaserve.cluster import (
         DRILL_PLACEMENT,
         LocalCluster,
-        free_port,
         pinned_stages,
         wait_running,
     )
     from qaserve.modelstore import publish
+    from qaserve.server import free_port
 
     work = tmp_path_factory.mktemp("cluster")
     engine = tiny_engine_config.model_dump(mode="json") | {

@@ -8,7 +8,6 @@ killed replica after which requests succeed again with no stored document lost.
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -21,17 +20,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 ray = pytest.importorskip("ray")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def graph(tiny_engine_config: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from ray import serve
 
     from qaserve.graph import APP_NAME, GraphConfig, StageOptions, build_graph
+    from qaserve.server import free_port
 
     stages = {
         "Ingress": StageOptions(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64),
@@ -48,7 +42,7 @@ def graph(tiny_engine_config: Any, tmp_path_factory: pytest.TempPathFactory) -> 
     # shard has one owner.
     engine = tiny_engine_config.model_copy(update={"data_dir": tmp_path_factory.mktemp("graph")})
     cfg = GraphConfig(engine=engine, stages=stages)
-    port = _free_port()
+    port = free_port()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from qaserve.graph import STAGES, GraphConfig
-from qaserve.server import CONFIG_DIR, render_serve_config
+from qaserve.server import CONFIG_DIR, free_port, render_serve_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,12 +61,6 @@ def test_embedded_store_has_one_owner() -> None:
         GraphConfig.model_validate({"stages": {"Rerankr": {}}})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _children(pid: int) -> set[int]:
     out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout
     tree: dict[int, list[int]] = {}
@@ -101,7 +95,7 @@ def test_qaserve_serve_answers_and_stops_cleanly_on_sigterm(
     }
     graph = tmp_path / "graph.yaml"
     graph.write_text(yaml.safe_dump(cfg))
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = (tmp_path / "serve.log").open("w")
     proc = subprocess.Popen(
@@ -186,7 +180,7 @@ def test_autoscaling_up_then_down(tiny_engine_config: Any, tmp_path: Any) -> Non
     graph_yaml = tmp_path / "graph.yaml"
     graph_yaml.write_text(yaml.safe_dump({"engine": engine, "stages": stages}))
     cmd = [sys.executable, "-m", "qaserve.cli", "autoscale-demo", "--config", str(graph_yaml)]
-    cmd += ["--load-s", "45", "--cool-s", "60", "--concurrency", "8", "--port", str(_free_port())]
+    cmd += ["--load-s", "45", "--cool-s", "60", "--concurrency", "8", "--port", str(free_port())]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     lines = [ln for ln in out.stdout.splitlines() if "replicas=" in ln]
     counts = [int(ln.split("replicas=")[1].split()[0]) for ln in lines]
