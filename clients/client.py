@@ -196,8 +196,11 @@ def _query(
     collection: str | None = None,
     retrieval: RetrievalMode | None = None,
     max_new_tokens: int | None = None,
+    num_beams: int | None = None,
+    max_answer_len: int | None = None,
 ) -> Call[QueryResponse]:
-    """The whole graph: retrieve, read and/or generate, then one final answer."""
+    """The whole graph: retrieve, read and/or generate, then one final answer. Settings
+    left None are the server's configured values."""
     body = _body(
         question=question,
         mode=mode,
@@ -207,6 +210,8 @@ def _query(
         collection=collection,
         retrieval=retrieval,
         max_new_tokens=max_new_tokens,
+        num_beams=num_beams,
+        max_answer_len=max_answer_len,
     )
     return Call("POST", "/v1/query", _model(QueryResponse), json=body)
 

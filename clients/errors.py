@@ -77,6 +77,24 @@ class StageTimeout(ServerError):
     status = 504
 
 
+# The error vocabulary of the wire protocol: every `error.type` the server sends, with its
+# HTTP status. The server's exceptions (qaserve.errors) are declared from this table, and
+# errors inside an SSE stream, which come without a status, are mapped back through it.
+ERROR_TYPES: dict[str, int] = {
+    "bad_request": 400,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "not_found": 404,
+    "method_not_allowed": 405,
+    "payload_too_large": 413,
+    "unsupported_media_type": 415,
+    "validation_error": 422,
+    "internal_error": 500,
+    "config_error": 500,
+    "overloaded": 503,
+    "timeout": 504,
+}
+
 _BY_STATUS: dict[int, type[QAServeHTTPError]] = {
     cls.status: cls
     for cls in (
@@ -91,17 +109,6 @@ _BY_STATUS: dict[int, type[QAServeHTTPError]] = {
         StageTimeout,
     )
 }
-# Errors inside an SSE stream come without an HTTP status: map the server's error type.
-_STATUS_BY_TYPE = {
-    "bad_request": 400,
-    "unauthorized": 401,
-    "forbidden": 403,
-    "not_found": 404,
-    "payload_too_large": 413,
-    "validation_error": 422,
-    "overloaded": 503,
-    "timeout": 504,
-}
 
 
 def error_from_body(
@@ -113,7 +120,7 @@ def error_from_body(
         detail = {"type": "http_error", "message": str(body)[:500]}
     type_ = str(detail.get("type") or "http_error")
     if status is None:
-        status = _STATUS_BY_TYPE.get(type_, 500)
+        status = ERROR_TYPES.get(type_, 500)
     cls = _BY_STATUS.get(status) or (ServerError if status >= 500 else QAServeHTTPError)
     return cls(status, type_, str(detail.get("message", "")), detail.get("field"), retry_after)
 

@@ -1,13 +1,15 @@
 """The v1 wire schema: one set of pydantic models imported by the server, the engine and the SDK.
 
 Field names are the contract of DESIGN.md's HTTP table; add fields freely, rename none.
+The server owns the defaults of model settings: an optional field left unset (null) means
+"the value the server is configured with" (`reader.max_answer_len`, `generator.num_beams`...).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Scalar = str | int | float | bool
 FilterValue = Scalar | list[Scalar]
@@ -115,7 +117,9 @@ class ReadRequest(_Strict):
     question: str = Field(..., max_length=MAX_QUESTION_CHARS)
     documents: list[ReadDocument] = Field(..., min_length=1, max_length=MAX_TOP_K)
     top_k: int = Field(3, ge=1, le=MAX_TOP_K)
-    max_answer_len: int = Field(15, ge=1, le=512, description="In tokens, as in transformers.")
+    max_answer_len: int | None = Field(
+        None, ge=1, le=512, description="In tokens, as in transformers; unset: the server's."
+    )
     handle_impossible_answer: bool = False
 
     _question = field_validator("question")(_non_blank)
@@ -139,11 +143,28 @@ class ReadResponse(BaseModel):
 # --- generation --------------------------------------------------------------------------
 
 
+MAX_GENERATOR_DOCUMENTS = 20
+
+
+def _max_new_tokens() -> Any:
+    return Field(None, ge=1, le=512, description="Unset: the server's configured value.")
+
+
+def _num_beams() -> Any:
+    return Field(
+        None,
+        ge=1,
+        le=8,
+        description="Unset: the server's configured value. A stream with beams > 1 sends its "
+        "tokens when the search ends.",
+    )
+
+
 class GenerateRequest(_Strict):
     question: str = Field(..., max_length=MAX_QUESTION_CHARS)
-    documents: list[ReadDocument] = Field(..., min_length=1, max_length=20)
-    max_new_tokens: int = Field(48, ge=1, le=512)
-    num_beams: int = Field(1, ge=1, le=8)
+    documents: list[ReadDocument] = Field(..., min_length=1, max_length=MAX_GENERATOR_DOCUMENTS)
+    max_new_tokens: int | None = _max_new_tokens()
+    num_beams: int | None = _num_beams()
     stream: bool = False
 
     _question = field_validator("question")(_non_blank)
@@ -178,11 +199,24 @@ class QueryRequest(_Strict):
     collection: str | None = None
     mode: QueryMode = "ensemble"
     retrieval: RetrievalMode = "dense"
-    max_new_tokens: int = Field(48, ge=1, le=512)
+    max_answer_len: int | None = Field(
+        None, ge=1, le=512, description="Reader span limit in tokens; unset: the server's."
+    )
+    max_new_tokens: int | None = _max_new_tokens()
+    num_beams: int | None = _num_beams()
     stream: bool = False
 
     _question = field_validator("question")(_non_blank)
     _filters = field_validator("filters")(_check_filters)
+
+    @model_validator(mode="after")
+    def _generator_documents(self) -> QueryRequest:
+        if self.mode != "extractive" and self.top_k_retriever > MAX_GENERATOR_DOCUMENTS:
+            raise ValueError(
+                f"top_k_retriever: the generator reads at most {MAX_GENERATOR_DOCUMENTS} "
+                f"documents (mode {self.mode!r})"
+            )
+        return self
 
 
 class FinalAnswer(BaseModel):
@@ -197,6 +231,9 @@ class FinalAnswer(BaseModel):
 class QueryResponse(BaseModel):
     answer: FinalAnswer
     answers: list[Answer]
+    no_answer_score: float | None = Field(
+        None, description="The reader's no-answer score (modes that read), as in ReadResponse."
+    )
     generated: GenerateResponse | None
     documents: list[RetrievedDocument]
     timings_ms: dict[str, float]

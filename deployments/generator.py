@@ -14,18 +14,18 @@ transformers) and with seq2seq models (T5/BART, "question: ... context: ..." inp
 from __future__ import annotations
 
 import inspect
-import math
 import os
 import re
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from qaserve.config import GeneratorConfig
+from qaserve.config import EngineConfig, GeneratorConfig
+from qaserve.deployments.prior import document_prior
 from qaserve.errors import BadRequest, ConfigError
 from qaserve.threads import bound_threads
 from qaserve_client.schema import GeneratedToken, GenerateResponse, ModelInfo, ReadDocument
@@ -371,46 +371,56 @@ class RagTokenGenerator:
         num_beams: int | None = None,
     ) -> GenerateResponse:
         """Greedy (num_beams=1) or beam search over the marginal; returns the best sequence."""
-        beams = self.cfg.num_beams if num_beams is None else num_beams
-        if beams < 1:
-            raise BadRequest("num_beams must be at least 1", "num_beams")
-        log_prior = self.log_prior(documents)
-        if beams == 1:
-            tokens = list(self.stream(question, documents, max_new_tokens))
-        else:
-            session, steps = self._start(question, documents, max_new_tokens)
-            choices = self._beam_search(session, log_prior, steps, beams)
-            tokens = self._to_tokens(choices, documents)
+        tokens = list(self.stream(question, documents, max_new_tokens, num_beams))
         return GenerateResponse(
             text="".join(t.text for t in tokens),
             tokens=tokens,
-            document_weights=log_prior.exp().tolist(),
+            document_weights=document_prior(documents),
         )
 
     def stream(
-        self, question: str, documents: list[ReadDocument], max_new_tokens: int | None = None
+        self,
+        question: str,
+        documents: list[ReadDocument],
+        max_new_tokens: int | None = None,
+        num_beams: int | None = None,
     ) -> Iterator[GeneratedToken]:
-        """Greedy decoding that yields each token as soon as it is chosen.
+        """The tokens as soon as they are chosen: each one greedily, or, with beams > 1, all
+        of them when the beam search ends (so a stream answers what `generate` answers).
 
         Not a generator function itself: a bad request raises here, before a server has
         started a streamed response; the forward passes run as the tokens are pulled.
         """
+        beams = self.cfg.num_beams if num_beams is None else num_beams
+        if beams < 1:
+            raise BadRequest("num_beams must be at least 1", "num_beams")
         log_prior = self.log_prior(documents)
         session, steps = self._start(question, documents, max_new_tokens)
+        if beams > 1:
+            return self._beam_tokens(session, log_prior, steps, beams, documents)
         text = TextStream(self.tokenizer)
         return (
             self._token(choice, text, documents)
             for choice in self._greedy(session, log_prior, steps)
         )
 
+    def _beam_tokens(
+        self,
+        session: _Session,
+        log_prior: torch.Tensor,
+        steps: int,
+        beams: int,
+        documents: list[ReadDocument],
+    ) -> Iterator[GeneratedToken]:
+        yield from self._to_tokens(self._beam_search(session, log_prior, steps, beams), documents)
+
     def log_prior(self, documents: Sequence[ReadDocument]) -> torch.Tensor:
-        """log p(z|x): log-softmax of the retriever scores, uniform if any score is missing."""
-        if not documents:
-            raise BadRequest("at least one document is needed", "documents")
-        scores = [d.score for d in documents]
-        if any(s is None for s in scores):
-            return torch.full((len(documents),), -math.log(len(documents)))
-        return torch.log_softmax(torch.tensor(scores, dtype=torch.float64), 0).float()
+        """log p(z|x) (qaserve.deployments.prior)."""
+        try:
+            prior = document_prior(documents)
+        except ValueError as exc:
+            raise BadRequest(str(exc), "documents") from None
+        return torch.tensor(prior, dtype=torch.float64).log().float()
 
     def encode(self, question: str, documents: Sequence[ReadDocument]) -> list[list[int]]:
         """One model input per document: chat prompt (causal) or question/context (seq2seq)."""
@@ -593,3 +603,10 @@ class RagTokenGenerator:
             if isinstance(value, int):
                 return value
         return self._pad_id()
+
+
+def build_generator(
+    cfg: EngineConfig, threads: int | None, built: Mapping[str, Any]
+) -> RagTokenGenerator:
+    """The registry's factory (qaserve.stages)."""
+    return RagTokenGenerator(cfg.generator, threads=threads)

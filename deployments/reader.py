@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from qaserve.config import ReaderConfig
+from qaserve.config import EngineConfig, ReaderConfig
 from qaserve.deployments.onnx_export import ONNX_NAME, export_reader, read_export_meta
 from qaserve.errors import BadRequest, ConfigError
 from qaserve.threads import cpu_budget
@@ -401,3 +401,8 @@ def _text(doc: Any) -> str:
 def _doc_id(doc: Any, index: int) -> str:
     doc_id = doc.get("id") if isinstance(doc, Mapping) else getattr(doc, "id", None)
     return str(index) if doc_id is None else str(doc_id)
+
+
+def build_reader(cfg: EngineConfig, threads: int | None, built: Mapping[str, Any]) -> Reader:
+    """The registry's factory (qaserve.stages)."""
+    return Reader(cfg.reader, cfg.cache_dir, threads=threads)

@@ -8,6 +8,7 @@ cheap and side-effect free.
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -187,8 +188,9 @@ class Retriever:
     def count(self, collection: str | None = None) -> int:
         return self._store(collection).count()
 
-    def info(self) -> list[ModelInfo]:
-        return [self.embedder.info(), self._store(None).info()]
+    def info(self) -> ModelInfo:
+        """The store; the encoder is the `embedder` stage's to report."""
+        return self._store(None).info()
 
     def close(self) -> None:
         with self._lock:
@@ -201,3 +203,13 @@ class Retriever:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def build_embedder(cfg: EngineConfig, threads: int | None, built: Mapping[str, Any]) -> Embedder:
+    """The registry's factory (qaserve.stages)."""
+    return Embedder(cfg.embedder, threads=threads)
+
+
+def build_retriever(cfg: EngineConfig, threads: int | None, built: Mapping[str, Any]) -> Retriever:
+    """The registry's factory: the store owner, embedding queries with `built["embedder"]`."""
+    return Retriever(cfg, embedder=built["embedder"])

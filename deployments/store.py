@@ -5,6 +5,9 @@ Both keep one point per passage with the same payload layout, so they answer ide
     doc_id, passage, offset, text, meta{...}      on every passage
     parent_text, n_passages                       on passage 0 only (what `get` returns)
 
+One algorithm (`_QdrantStore`: upsert, get, delete, search, count, filters) drives both over a
+few primitives each backend implements, so the two cannot drift apart.
+
 Point ids are uuid5(doc id, passage number), so re-ingesting a document overwrites its
 passages in place; passages beyond its new length are deleted afterwards. Everything that can
 fail (vector shapes, BM25 vectors, payloads) is built before the first write, so a bad batch
@@ -20,10 +23,11 @@ import math
 import re
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -202,50 +206,217 @@ class DocumentStore(Protocol):
     def close(self) -> None: ...
 
 
-# --- Qdrant Edge -------------------------------------------------------------------------
+# --- the algorithm, once for both backends -----------------------------------------------
 
 
-class _SharedShard:
-    """One open EdgeShard per directory per process: a second open of its WAL would fail."""
+class _Shared:
+    """Open handles (shards, clients) shared per process by key and refcounted, each with the
+    re-entrant write lock of all the stores on it; a key of None is not shared."""
 
-    _lock = threading.Lock()
-    _open: ClassVar[dict[Path, list[Any]]] = {}  # path -> [shard, refcount, write lock]
+    def __init__(self, close: Callable[[Any], None]) -> None:
+        self._close = close
+        self._lock = threading.Lock()
+        self._open: dict[Any, list[Any]] = {}  # key -> [handle, refcount, write lock]
 
-    @classmethod
-    def acquire(cls, path: Path, config: Any) -> tuple[Any, threading.RLock]:
-        from qdrant_edge import EdgeShard
-
-        with cls._lock:
-            entry = cls._open.get(path)
+    def acquire(self, key: Any, connect: Callable[[], Any]) -> tuple[Any, threading.RLock]:
+        if key is None:
+            return connect(), threading.RLock()
+        with self._lock:
+            entry = self._open.get(key)
             if entry is None:
-                try:
-                    if (path / "edge_config.json").exists():
-                        shard = EdgeShard.load(str(path), config)
-                    else:
-                        path.mkdir(parents=True, exist_ok=True)
-                        shard = EdgeShard.create(str(path), config)
-                except Exception as e:
-                    raise ConfigError(f"cannot open Qdrant Edge shard {path}: {e}") from e
-                entry = cls._open[path] = [shard, 0, threading.RLock()]
+                entry = self._open[key] = [connect(), 0, threading.RLock()]
             entry[1] += 1
             return entry[0], entry[2]
 
-    @classmethod
-    def release(cls, path: Path) -> None:
-        with cls._lock:
-            entry = cls._open.get(path)
+    def release(self, key: Any, handle: Any) -> None:
+        if key is None:
+            self._close(handle)
+            return
+        with self._lock:
+            entry = self._open.get(key)
             if entry is None:
                 return
             entry[1] -= 1
             if entry[1] <= 0:
-                del cls._open[path]
-                with entry[2]:
-                    entry[0].flush()
-                    entry[0].close()
+                del self._open[key]
+                with entry[2]:  # let a write in flight finish first
+                    self._close(entry[0])
 
 
-class EdgeStore:
-    """Qdrant Edge shard under `<data_dir>/edge/<collection>`, opened lazily."""
+class _Models(NamedTuple):
+    """A backend's model constructors, called by keyword: both clients name the fields alike."""
+
+    Filter: Callable[..., Any]
+    FieldCondition: Callable[..., Any]
+    MatchValue: Callable[..., Any]
+    MatchAny: Callable[..., Any]
+    Range: Callable[..., Any]
+    SparseVector: Callable[..., Any]
+    Point: Callable[..., Any]
+
+
+class _QdrantStore(ABC):
+    """Upsert, get, delete, search, count and filters, written once over the primitives below.
+
+    `_lock` is the backend's re-entrant write lock, held across each write.
+    """
+
+    _lock: threading.RLock
+
+    def __init__(self, collection: str, dim: int, cfg: StoreConfig) -> None:
+        self.collection = check_collection(collection)
+        self.dim = dim
+        self.cfg = cfg
+        self._bm25 = Bm25Encoder()
+        self._m = self._models()
+
+    @staticmethod
+    @abstractmethod
+    def _models() -> _Models: ...
+
+    @abstractmethod
+    def _open(self, create: bool) -> bool:
+        """Make the collection usable, creating it if `create`; False: it does not exist."""
+
+    @abstractmethod
+    def _upsert_points(self, points: list[Any]) -> None: ...
+
+    @abstractmethod
+    def _delete_where(self, flt: Any) -> None: ...
+
+    @abstractmethod
+    def _flush(self) -> None:
+        """Make the writes so far durable."""
+
+    @abstractmethod
+    def _retrieve(self, ids: list[str], with_payload: bool | list[str]) -> list[Any]:
+        """The records (`.payload`) of those of `ids` that exist."""
+
+    @abstractmethod
+    def _query(self, flt: Any, limit: int, queries: dict[str, Any], depth: int) -> list[Any]:
+        """Scored points (`.payload`, `.score`), nearest to the one {vector name: query} in
+        `queries`; with two, RRF over a `depth`-deep prefetch of each."""
+
+    @abstractmethod
+    def _count(self, flt: Any) -> int: ...
+
+    def _match(self, path: str, v: str | int | float | bool) -> Any:
+        m = self._m
+        if isinstance(v, float):  # Qdrant matches keywords, integers and bools only
+            return m.FieldCondition(key=path, range=m.Range(gte=v, lte=v))
+        return m.FieldCondition(key=path, match=m.MatchValue(value=v))
+
+    def _filter(self, filters: Filters | None) -> Any:
+        m = self._m
+        must: list[Any] = []
+        for c in _conditions(filters):
+            if len(c.values) == 1:
+                must.append(self._match(c.path, c.values[0]))
+            elif all(isinstance(v, str) for v in c.values) or all(
+                isinstance(v, int) and not isinstance(v, bool) for v in c.values
+            ):
+                must.append(m.FieldCondition(key=c.path, match=m.MatchAny(any=list(c.values))))
+            else:
+                must.append(m.Filter(should=[self._match(c.path, v) for v in c.values]))
+        return m.Filter(must=must) if must else None
+
+    def upsert(self, docs: Sequence[SplitDocument], vectors: Sequence[np.ndarray]) -> int:
+        m = self._m
+        _check_vectors(docs, vectors, self.dim)
+        docs, vectors = _last_wins(docs, vectors)
+        points = []
+        for doc, vec in zip(docs, vectors, strict=True):
+            for p, v in zip(doc.passages, vec, strict=True):
+                idx, val = self._bm25.document(p.text)
+                named: dict[str, Any] = {DENSE: v.astype(np.float32).tolist()}
+                if idx:
+                    named[SPARSE] = m.SparseVector(indices=idx, values=val)
+                pid = point_id(doc.id, p.number)
+                points.append(m.Point(id=pid, vector=named, payload=_payload(doc, p)))
+        self._open(create=True)
+        with self._lock:
+            found = self._retrieve([point_id(d.id, 0) for d in docs], ["doc_id"])
+            existed = {r.payload["doc_id"] for r in found if r.payload}
+            for batch in _batches(points):
+                self._upsert_points(batch)
+            for doc in docs:
+                if doc.id in existed:  # drop passages beyond the new length
+                    stale = m.FieldCondition(key="passage", range=m.Range(gte=len(doc.passages)))
+                    self._delete_where(m.Filter(must=[self._match("doc_id", doc.id), stale]))
+            self._flush()
+        return len(points)
+
+    def get(self, doc_id: str) -> DocumentOut:
+        records = self._retrieve([point_id(doc_id, 0)], True) if self._open(create=False) else []
+        return _doc_out(doc_id, records[0].payload if records else None)
+
+    def delete(self, doc_id: str) -> None:
+        self.get(doc_id)  # DocumentNotFound if absent
+        with self._lock:
+            self._delete_where(self._m.Filter(must=[self._match("doc_id", doc_id)]))
+            self._flush()
+
+    def search(
+        self,
+        *,
+        vector: np.ndarray | None,
+        text: str,
+        top_k: int,
+        filters: Filters | None = None,
+        mode: RetrievalMode = "dense",
+    ) -> list[RetrievedDocument]:
+        flt = self._filter(filters)  # validate even when the collection is missing
+        if not self._open(create=False):
+            return []
+        queries: dict[str, Any] = {}
+        if mode in ("dense", "hybrid"):
+            if vector is None:
+                raise ValueError(f"mode {mode!r} needs a query vector")
+            queries[DENSE] = np.asarray(vector, np.float32).tolist()
+        if mode in ("sparse", "hybrid"):
+            idx, val = self._bm25.query(text)
+            if idx:
+                queries[SPARSE] = self._m.SparseVector(indices=idx, values=val)
+        if not queries:  # only stop words in a BM25 query
+            return []
+        points = self._query(flt, top_k, queries, depth=max(top_k * 4, 20))
+        return [_hit(p.payload or {}, p.score) for p in points]
+
+    def count(self) -> int:
+        if not self._open(create=False):
+            return 0
+        return self._count(self._m.Filter(must=[self._match("passage", 0)]))
+
+
+# --- Qdrant Edge -------------------------------------------------------------------------
+
+
+def _open_shard(path: Path, config: Any) -> Any:
+    from qdrant_edge import EdgeShard
+
+    try:
+        if (path / "edge_config.json").exists():
+            return EdgeShard.load(str(path), config)
+        path.mkdir(parents=True, exist_ok=True)
+        return EdgeShard.create(str(path), config)
+    except Exception as e:
+        raise ConfigError(f"cannot open Qdrant Edge shard {path}: {e}") from e
+
+
+def _close_shard(shard: Any) -> None:
+    shard.flush()
+    shard.close()
+
+
+# One open EdgeShard per directory per process: a second open of its WAL would fail.
+_SHARDS = _Shared(_close_shard)
+
+
+class EdgeStore(_QdrantStore):
+    """Qdrant Edge shard under `<data_dir>/edge/<collection>`, opened lazily.
+
+    Reads take no lock; writes run under the shard's `_lock`, shared by its stores.
+    """
 
     def __init__(
         self,
@@ -255,44 +426,36 @@ class EdgeStore:
         cfg: StoreConfig,
         threads: int | None = None,
     ) -> None:
-        self.collection = check_collection(collection)
+        super().__init__(collection, dim, cfg)
         self.path = Path(path).resolve()
-        self.dim = dim
-        self.cfg = cfg
         self.threads = threads
-        self._bm25 = Bm25Encoder()
         self._shard: Any = None
-        self._lock: threading.RLock | None = None
+        self._lock = threading.RLock()  # replaced by the shard's shared one on open
         self._open_lock = threading.Lock()
 
     def _config(self) -> Any:
-        from qdrant_edge import (
-            Distance,
-            EdgeConfig,
-            EdgeSparseVectorParams,
-            EdgeVectorParams,
-            Modifier,
-        )
+        import qdrant_edge as e
 
-        return EdgeConfig(
-            vectors={DENSE: EdgeVectorParams(size=self.dim, distance=Distance.Cosine)},
-            sparse_vectors={SPARSE: EdgeSparseVectorParams(modifier=Modifier.Idf)},
+        return e.EdgeConfig(
+            vectors={DENSE: e.EdgeVectorParams(size=self.dim, distance=e.Distance.Cosine)},
+            sparse_vectors={SPARSE: e.EdgeSparseVectorParams(modifier=e.Modifier.Idf)},
             max_search_threads=self.threads or None,
         )
 
     def exists(self) -> bool:
         return self._shard is not None or (self.path / "edge_config.json").exists()
 
-    def _open(self, create: bool) -> Any:
+    def _open(self, create: bool) -> bool:
         with self._open_lock:
             if self._shard is None:
                 if not create and not self.exists():
-                    return None
-                shard, lock = _SharedShard.acquire(self.path, self._config())
+                    return False
+                config = self._config()
+                shard, lock = _SHARDS.acquire(self.path, lambda: _open_shard(self.path, config))
                 with lock:
                     self._ensure_indexes(shard)
                 self._shard, self._lock = shard, lock
-            return self._shard
+            return True
 
     def _ensure_indexes(self, shard: Any) -> None:
         from qdrant_edge import PayloadSchemaType, UpdateOperation
@@ -305,145 +468,68 @@ class EdgeStore:
             if field_name not in have:
                 shard.update(UpdateOperation.create_field_index(field_name, schema))
 
-    # filters: Edge's MatchValue reads a Python bool as the int 1; numpy.bool_ stays a bool.
     @staticmethod
-    def _match(path: str, v: Any) -> Any:
-        from qdrant_edge import FieldCondition, MatchValue, RangeFloat
+    def _models() -> _Models:
+        import qdrant_edge as e
 
-        if isinstance(v, bool):
-            return FieldCondition(path, match=MatchValue(np.bool_(v)))
-        if isinstance(v, float):
-            return FieldCondition(path, range=RangeFloat(gte=v, lte=v))
-        return FieldCondition(path, match=MatchValue(v))
+        def match_value(value: Any) -> Any:
+            # Edge reads a Python bool as the int 1, and a numpy.bool_ as a bool.
+            if isinstance(value, bool):
+                return e.MatchValue(np.bool_(value))  # type: ignore[arg-type]  # not in its stub
+            return e.MatchValue(value)
 
-    def _filter(self, filters: Filters | None, *extra: Any) -> Any:
-        from qdrant_edge import FieldCondition, Filter, MatchAny
+        return _Models(
+            Filter=e.Filter,
+            FieldCondition=e.FieldCondition,
+            MatchValue=match_value,
+            MatchAny=e.MatchAny,
+            Range=e.RangeFloat,
+            SparseVector=e.SparseVector,
+            Point=e.Point,
+        )
 
-        must = list(extra)
-        for c in _conditions(filters):
-            if len(c.values) == 1:
-                must.append(self._match(c.path, c.values[0]))
-            elif all(isinstance(v, str) for v in c.values) or all(
-                isinstance(v, int) and not isinstance(v, bool) for v in c.values
-            ):
-                must.append(FieldCondition(c.path, match=MatchAny(list(c.values))))
-            else:
-                must.append(Filter(should=[self._match(c.path, v) for v in c.values]))
-        return Filter(must=must) if must else None
+    def _upsert_points(self, points: list[Any]) -> None:
+        from qdrant_edge import UpdateOperation
 
-    def _doc_cond(self, doc_id: str) -> Any:
-        from qdrant_edge import FieldCondition, MatchValue
+        self._shard.update(UpdateOperation.upsert_points(points))
 
-        return FieldCondition("doc_id", match=MatchValue(doc_id))
+    def _delete_where(self, flt: Any) -> None:
+        from qdrant_edge import UpdateOperation
 
-    def upsert(self, docs: Sequence[SplitDocument], vectors: Sequence[np.ndarray]) -> int:
-        from qdrant_edge import FieldCondition, Filter, Point, RangeFloat, SparseVector
-        from qdrant_edge import UpdateOperation as Op
+        self._shard.update(UpdateOperation.delete_points_by_filter(flt))
 
-        _check_vectors(docs, vectors, self.dim)
-        docs, vectors = _last_wins(docs, vectors)
-        points = []
-        for doc, vec in zip(docs, vectors, strict=True):
-            for p, v in zip(doc.passages, vec, strict=True):
-                idx, val = self._bm25.document(p.text)
-                named = {DENSE: v.astype(np.float32).tolist()}
-                if idx:
-                    named[SPARSE] = SparseVector(idx, val)
-                points.append(Point(point_id(doc.id, p.number), named, _payload(doc, p)))
-        shard = self._open(create=True)
-        assert self._lock is not None
-        with self._lock:
-            ids = [point_id(d.id, 0) for d in docs]
-            existed = {r.payload["doc_id"] for r in shard.retrieve(ids, True, False) if r.payload}
-            for batch in _batches(points):
-                shard.update(Op.upsert_points(batch))
-            for doc in docs:
-                if doc.id in existed:  # drop passages beyond the new length
-                    stale = FieldCondition("passage", range=RangeFloat(gte=len(doc.passages)))
-                    shard.update(
-                        Op.delete_points_by_filter(Filter(must=[self._doc_cond(doc.id), stale]))
-                    )
-            shard.flush()
-        return len(points)
+    def _flush(self) -> None:
+        self._shard.flush()
 
-    def get(self, doc_id: str) -> DocumentOut:
-        shard = self._open(create=False)
-        if shard is None:
-            raise DocumentNotFound(f"no document with id {doc_id!r}", field="id")
-        records = shard.retrieve([point_id(doc_id, 0)], True, False)
-        return _doc_out(doc_id, records[0].payload if records else None)
+    def _retrieve(self, ids: list[str], with_payload: bool | list[str]) -> list[Any]:
+        return self._shard.retrieve(ids, with_payload, False)
 
-    def delete(self, doc_id: str) -> None:
-        from qdrant_edge import Filter
-        from qdrant_edge import UpdateOperation as Op
+    def _query(self, flt: Any, limit: int, queries: dict[str, Any], depth: int) -> list[Any]:
+        from qdrant_edge import Fusion, PayloadSelector, Prefetch, Query, QueryRequest
 
-        self.get(doc_id)  # DocumentNotFound if absent
-        assert self._lock is not None
-        with self._lock:
-            self._shard.update(Op.delete_points_by_filter(Filter(must=[self._doc_cond(doc_id)])))
-            self._shard.flush()
+        near = [Query.Nearest(q, using=name) for name, q in queries.items()]
+        legs = [Prefetch(limit=depth, query=q, filter=flt) for q in near] if len(near) > 1 else None
+        req = QueryRequest(
+            limit=limit,
+            # The stub's ScoringQueryType names Fusion but not its variant classes.
+            query=Fusion.Rrf(k=RRF_K) if legs else near[0],  # type: ignore[arg-type]
+            prefetches=legs,
+            filter=flt,
+            with_payload=PayloadSelector.Exclude(_HIDDEN),
+        )
+        return self._shard.query(req)
 
-    def search(
-        self,
-        *,
-        vector: np.ndarray | None,
-        text: str,
-        top_k: int,
-        filters: Filters | None = None,
-        mode: RetrievalMode = "dense",
-    ) -> list[RetrievedDocument]:
-        from qdrant_edge import Fusion, PayloadSelector, Prefetch, Query, QueryRequest, SparseVector
+    def _count(self, flt: Any) -> int:
+        from qdrant_edge import CountRequest
 
-        flt = self._filter(filters)  # validate even when the collection is missing
-        shard = self._open(create=False)
-        if shard is None:
-            return []
-        dense = sparse = None
-        if mode in ("dense", "hybrid"):
-            if vector is None:
-                raise ValueError(f"mode {mode!r} needs a query vector")
-            dense = Query.Nearest(np.asarray(vector, np.float32).tolist(), using=DENSE)
-        if mode in ("sparse", "hybrid"):
-            idx, val = self._bm25.query(text)
-            if idx:
-                sparse = Query.Nearest(SparseVector(idx, val), using=SPARSE)
-        payload = PayloadSelector.Exclude(_HIDDEN)
-        if mode == "hybrid" and dense is not None and sparse is not None:
-            depth = max(top_k * 4, 20)
-            req = QueryRequest(
-                limit=top_k,
-                prefetches=[
-                    Prefetch(limit=depth, query=dense, filter=flt),
-                    Prefetch(limit=depth, query=sparse, filter=flt),
-                ],
-                query=Fusion.Rrf(k=RRF_K),
-                filter=flt,
-                with_payload=payload,
-            )
-        else:
-            q = dense if dense is not None else sparse
-            if q is None:  # only stop words in a BM25 query
-                return []
-            req = QueryRequest(limit=top_k, query=q, filter=flt, with_payload=payload)
-        return [_hit(p.payload or {}, p.score) for p in shard.query(req)]
-
-    def count(self) -> int:
-        from qdrant_edge import CountRequest, FieldCondition, Filter, MatchValue
-
-        shard = self._open(create=False)
-        if shard is None:
-            return 0
-        first = Filter(must=[FieldCondition("passage", match=MatchValue(0))])
-        return shard.count(CountRequest(exact=True, filter=first))
+        return self._shard.count(CountRequest(exact=True, filter=flt))
 
     def optimize(self) -> bool:
         """Build HNSW / vacuum deletes now (Edge has no background optimizer)."""
-        shard = self._open(create=False)
-        if shard is None:
+        if not self._open(create=False):
             return False
-        assert self._lock is not None
         with self._lock:
-            return bool(shard.optimize())
+            return bool(self._shard.optimize())
 
     def info(self) -> ModelInfo:
         return ModelInfo(
@@ -453,70 +539,42 @@ class EdgeStore:
     def close(self) -> None:
         with self._open_lock:
             if self._shard is not None:
+                _SHARDS.release(self.path, self._shard)
                 self._shard = None
-                self._lock = None
-                _SharedShard.release(self.path)
 
 
 # --- qdrant-client -----------------------------------------------------------------------
 
 
-class _SharedClient:
-    """One QdrantClient per location: local mode on a path locks the directory."""
+def _connect(url: str, api_key: str | None) -> Any:
+    from qdrant_client import QdrantClient
 
-    _lock = threading.Lock()
-    _open: ClassVar[dict[tuple[str, str | None], list[Any]]] = {}  # key -> [client, refcount, lock]
-
-    @staticmethod
-    def _connect(url: str, api_key: str | None) -> Any:
-        from qdrant_client import QdrantClient
-
-        if url == ":memory:":
-            return QdrantClient(location=":memory:")
-        if url.startswith("path:"):
-            return QdrantClient(path=url.removeprefix("path:"))
-        if url.startswith(("http://", "https://")):
-            return QdrantClient(url=url, api_key=api_key)
-        raise ConfigError(f"store.url {url!r}: expected http(s)://..., ':memory:' or 'path:/dir'")
-
-    @classmethod
-    def acquire(cls, url: str, api_key: str | None) -> tuple[Any, threading.RLock]:
-        if url == ":memory:":  # each in-memory store is its own database
-            return cls._connect(url, api_key), threading.RLock()
-        key = (url, api_key)
-        with cls._lock:
-            entry = cls._open.get(key)
-            if entry is None:
-                entry = cls._open[key] = [cls._connect(url, api_key), 0, threading.RLock()]
-            entry[1] += 1
-            return entry[0], entry[2]
-
-    @classmethod
-    def release(cls, url: str, api_key: str | None, client: Any) -> None:
-        if url == ":memory:":
-            client.close()
-            return
-        with cls._lock:
-            entry = cls._open.get((url, api_key))
-            if entry is None:
-                return
-            entry[1] -= 1
-            if entry[1] <= 0:
-                del cls._open[(url, api_key)]
-                entry[0].close()
+    if url == ":memory:":
+        return QdrantClient(location=":memory:")
+    if url.startswith("path:"):
+        return QdrantClient(path=url.removeprefix("path:"))
+    if url.startswith(("http://", "https://")):
+        return QdrantClient(url=url, api_key=api_key)
+    raise ConfigError(f"store.url {url!r}: expected http(s)://..., ':memory:' or 'path:/dir'")
 
 
-class QdrantClientStore:
-    """A collection on a Qdrant server, or in qdrant-client's local mode (tests)."""
+# One QdrantClient per location: local mode on a path locks the directory.
+_CLIENTS = _Shared(lambda client: client.close())
+
+
+class QdrantClientStore(_QdrantStore):
+    """A collection on a Qdrant server, or in qdrant-client's local mode (tests).
+
+    Every client call runs under `_lock`: local mode is not thread-safe.
+    """
 
     def __init__(self, url: str, collection: str, dim: int, cfg: StoreConfig) -> None:
-        self.collection = check_collection(collection)
+        super().__init__(collection, dim, cfg)
         self.url = url
-        self.dim = dim
-        self.cfg = cfg
         self.local = not url.startswith(("http://", "https://"))
-        self._bm25 = Bm25Encoder()
-        self._client, self._lock = _SharedClient.acquire(url, cfg.api_key)
+        # Each in-memory store is its own database.
+        self._key = None if url == ":memory:" else (url, cfg.api_key)
+        self._client, self._lock = _CLIENTS.acquire(self._key, lambda: _connect(url, cfg.api_key))
         self._exists = False
 
     def exists(self) -> bool:
@@ -530,6 +588,12 @@ class QdrantClientStore:
         server's default); qdrant-client's local mode accepts and ignores them."""
         names = ("shard_number", "replication_factor", "write_consistency_factor")
         return {k: getattr(self.cfg, k) for k in names if getattr(self.cfg, k) is not None}
+
+    def _open(self, create: bool) -> bool:
+        if create:
+            with self._lock:
+                self._create()
+        return self.exists()
 
     def _create(self) -> None:
         from qdrant_client import models as m
@@ -564,136 +628,55 @@ class QdrantClientStore:
         self._exists = True
 
     @staticmethod
-    def _match(path: str, v: Any) -> Any:
+    def _models() -> _Models:
         from qdrant_client import models as m
 
-        if isinstance(v, float):
-            return m.FieldCondition(key=path, range=m.Range(gte=v, lte=v))
-        return m.FieldCondition(key=path, match=m.MatchValue(value=v))
+        return _Models(
+            Filter=m.Filter,
+            FieldCondition=m.FieldCondition,
+            MatchValue=m.MatchValue,
+            MatchAny=m.MatchAny,
+            Range=m.Range,
+            SparseVector=m.SparseVector,
+            Point=m.PointStruct,
+        )
 
-    def _filter(self, filters: Filters | None, *extra: Any) -> Any:
-        from qdrant_client import models as m
+    def _upsert_points(self, points: list[Any]) -> None:
+        self._client.upsert(self.collection, points, wait=True)
 
-        must = list(extra)
-        for c in _conditions(filters):
-            if len(c.values) == 1:
-                must.append(self._match(c.path, c.values[0]))
-            elif all(isinstance(v, str) for v in c.values) or all(
-                isinstance(v, int) and not isinstance(v, bool) for v in c.values
-            ):
-                must.append(m.FieldCondition(key=c.path, match=m.MatchAny(any=list(c.values))))
-            else:
-                must.append(m.Filter(should=[self._match(c.path, v) for v in c.values]))
-        return m.Filter(must=must) if must else None
+    def _delete_where(self, flt: Any) -> None:
+        from qdrant_client.models import FilterSelector
 
-    @staticmethod
-    def _doc_cond(doc_id: str) -> Any:
-        from qdrant_client import models as m
+        self._client.delete(self.collection, FilterSelector(filter=flt), wait=True)
 
-        return m.FieldCondition(key="doc_id", match=m.MatchValue(value=doc_id))
+    def _flush(self) -> None:
+        """Nothing to do: every write waited for the server (wait=True)."""
 
-    def upsert(self, docs: Sequence[SplitDocument], vectors: Sequence[np.ndarray]) -> int:
-        from qdrant_client import models as m
-
-        _check_vectors(docs, vectors, self.dim)
-        docs, vectors = _last_wins(docs, vectors)
-        points = []
-        for doc, vec in zip(docs, vectors, strict=True):
-            for p, v in zip(doc.passages, vec, strict=True):
-                idx, val = self._bm25.document(p.text)
-                named: dict[str, Any] = {DENSE: v.astype(np.float32).tolist()}
-                if idx:
-                    named[SPARSE] = m.SparseVector(indices=idx, values=val)
-                pid = point_id(doc.id, p.number)
-                points.append(m.PointStruct(id=pid, vector=named, payload=_payload(doc, p)))
+    def _retrieve(self, ids: list[str], with_payload: bool | list[str]) -> list[Any]:
         with self._lock:
-            self._create()
-            ids = [point_id(d.id, 0) for d in docs]
-            found = self._client.retrieve(self.collection, ids, with_payload=["doc_id"])
-            existed = {r.payload["doc_id"] for r in found if r.payload}
-            for batch in _batches(points):
-                self._client.upsert(self.collection, batch, wait=True)
-            for doc in docs:
-                if doc.id in existed:
-                    stale = m.FieldCondition(key="passage", range=m.Range(gte=len(doc.passages)))
-                    self._client.delete(
-                        self.collection,
-                        m.FilterSelector(filter=m.Filter(must=[self._doc_cond(doc.id), stale])),
-                        wait=True,
-                    )
-        return len(points)
+            return self._client.retrieve(self.collection, ids, with_payload=with_payload)
 
-    def get(self, doc_id: str) -> DocumentOut:
-        if not self.exists():
-            raise DocumentNotFound(f"no document with id {doc_id!r}", field="id")
-        with self._lock:
-            records = self._client.retrieve(self.collection, [point_id(doc_id, 0)])
-        return _doc_out(doc_id, records[0].payload if records else None)
-
-    def delete(self, doc_id: str) -> None:
+    def _query(self, flt: Any, limit: int, queries: dict[str, Any], depth: int) -> list[Any]:
         from qdrant_client import models as m
 
-        self.get(doc_id)
-        with self._lock:
-            self._client.delete(
-                self.collection,
-                m.FilterSelector(filter=m.Filter(must=[self._doc_cond(doc_id)])),
-                wait=True,
-            )
-
-    def search(
-        self,
-        *,
-        vector: np.ndarray | None,
-        text: str,
-        top_k: int,
-        filters: Filters | None = None,
-        mode: RetrievalMode = "dense",
-    ) -> list[RetrievedDocument]:
-        from qdrant_client import models as m
-
-        flt = self._filter(filters)
-        if not self.exists():
-            return []
-        dense = sparse = None
-        if mode in ("dense", "hybrid"):
-            if vector is None:
-                raise ValueError(f"mode {mode!r} needs a query vector")
-            dense = np.asarray(vector, np.float32).tolist()
-        if mode in ("sparse", "hybrid"):
-            idx, val = self._bm25.query(text)
-            if idx:
-                sparse = m.SparseVector(indices=idx, values=val)
-        payload = m.PayloadSelectorExclude(exclude=_HIDDEN)
-        if mode == "hybrid" and dense is not None and sparse is not None:
-            depth = max(top_k * 4, 20)
-            kwargs: dict[str, Any] = {
-                "prefetch": [
-                    m.Prefetch(query=dense, using=DENSE, filter=flt, limit=depth),
-                    m.Prefetch(query=sparse, using=SPARSE, filter=flt, limit=depth),
-                ],
-                "query": m.RrfQuery(rrf=m.Rrf(k=RRF_K)),
-            }
-        elif dense is not None:
-            kwargs = {"query": dense, "using": DENSE}
-        elif sparse is not None:
-            kwargs = {"query": sparse, "using": SPARSE}
+        if len(queries) == 1:
+            [(using, query)] = queries.items()
+            kwargs: dict[str, Any] = {"query": query, "using": using}
         else:
-            return []
+            legs = [
+                m.Prefetch(query=q, using=n, filter=flt, limit=depth) for n, q in queries.items()
+            ]
+            kwargs = {"prefetch": legs, "query": m.RrfQuery(rrf=m.Rrf(k=RRF_K))}
+        payload = m.PayloadSelectorExclude(exclude=_HIDDEN)
         with self._lock:
             res = self._client.query_points(
-                self.collection, query_filter=flt, limit=top_k, with_payload=payload, **kwargs
+                self.collection, query_filter=flt, limit=limit, with_payload=payload, **kwargs
             )
-        return [_hit(p.payload or {}, p.score) for p in res.points]
+        return res.points
 
-    def count(self) -> int:
-        from qdrant_client import models as m
-
-        if not self.exists():
-            return 0
-        first = m.Filter(must=[m.FieldCondition(key="passage", match=m.MatchValue(value=0))])
+    def _count(self, flt: Any) -> int:
         with self._lock:
-            return int(self._client.count(self.collection, count_filter=first, exact=True).count)
+            return int(self._client.count(self.collection, count_filter=flt, exact=True).count)
 
     def info(self) -> ModelInfo:
         where = self.url if not self.local else f"local {self.url}"
@@ -701,7 +684,7 @@ class QdrantClientStore:
 
     def close(self) -> None:
         if self._client is not None:
-            _SharedClient.release(self.url, self.cfg.api_key, self._client)
+            _CLIENTS.release(self._key, self._client)
             self._client = None
 
 

@@ -34,7 +34,7 @@ from qaserve.loadtests.run import (
     start_graph,
 )
 from qaserve.loadtests.workload import SAMPLE_DATA
-from qaserve.server import free_port
+from qaserve.runtime.server import free_port
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 SYSTEMS = ("baseline", "graph-fixed", "graph-autoscale")

@@ -38,7 +38,7 @@ from qaserve.loadtests.report import (
     steps_table,
 )
 from qaserve.loadtests.workload import SAMPLE_DATA, from_subjqa
-from qaserve.server import free_port
+from qaserve.runtime.server import free_port
 from qaserve_client.schema import DocumentIn
 
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"

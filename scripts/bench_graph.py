@@ -1,13 +1,14 @@
-"""Per-request overhead of the Ray Serve graph against the in-process engine, and what dynamic
-batching buys, on the same questions in one run.
+"""The Ray Serve graph against the in-process engine on the same questions, in one run.
 
-    python scripts/bench_graph.py --questions 40 --concurrency 8 [--mode extractive]
+    flock /tmp/qaserve-measure.lock .venv/bin/python scripts/bench_graph.py \
+        --questions 40 --concurrency 8 [--mode extractive] [--compare-batching]
 
-1. in-process: Engine.query for each question (sequential), median and p95;
-2. the graph over HTTP (SDK), sequential: the same questions -> overhead = graph - engine;
-3. the graph under `--concurrency` parallel clients, with the Reader/Embedder batching as
-   configured, then redeployed with batching off (max_batch_size 1): throughput of each.
-Prints a table and writes JSON (runs/bench/graph.json).
+1. in-process: Engine.query for each question, one at a time: median, p95, questions/s;
+2. the graph over HTTP (SDK), one client: median and p95 -> latency ratio graph / engine;
+3. the graph under `--concurrency` parallel clients: questions/s -> throughput ratio
+   graph / engine (the engine answering one at a time on the same cores);
+4. with --compare-batching, the graph redeployed with batching off (max_batch_size 1).
+Prints a table with the ratios and writes JSON (runs/bench/graph.json).
 """
 
 from __future__ import annotations
@@ -38,16 +39,19 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--mode", default="extractive")
     ap.add_argument("--output", type=Path, default=Path("runs/bench/graph.json"))
+    ap.add_argument("--config", default="local.yaml", help="graph YAML (default local.yaml)")
+    ap.add_argument("--compare-batching", action="store_true")
     args = ap.parse_args()
 
     import ray
     from ray import serve
 
     from qaserve.config import EngineConfig
-    from qaserve.engine import Engine
-    from qaserve.graph import APP_NAME, BatchOptions, GraphConfig, build_graph
     from qaserve.loaders import sample_documents
-    from qaserve.server import CONFIG_DIR
+    from qaserve.runtime.graph import build_graph
+    from qaserve.runtime.graph_config import APP_NAME, BatchOptions, GraphConfig
+    from qaserve.runtime.local import Engine
+    from qaserve.runtime.server import resolve_config
     from qaserve_client.client import Client
     from qaserve_client.schema import QueryRequest
 
@@ -70,10 +74,12 @@ def main() -> int:
     req = [QueryRequest(question=q, filters={"item_id": it}, mode=args.mode) for q, it in questions]
     engine.query(req[0])  # warm-up
     lat = []
+    t0 = time.perf_counter()
     for r in req:
         t = time.perf_counter()
         engine.query(r)
         lat.append((time.perf_counter() - t) * 1000)
+    result["engine_qps"] = len(req) / (time.perf_counter() - t0)
     result["engine_ms"] = {"median": statistics.median(lat), "p95": pct(lat, 0.95)}
     engine.close()
     del engine
@@ -83,7 +89,7 @@ def main() -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    cfg = GraphConfig.load(CONFIG_DIR / "local.yaml", data_dir=data / "graph")
+    cfg = GraphConfig.load(resolve_config(args.config), data_dir=data / "graph")
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -108,30 +114,39 @@ def main() -> int:
                     list(pool.map(ask, questions))
                 return len(questions) / (time.perf_counter() - t)
 
-            result["graph_qps_batched"] = throughput()
+            throughput()  # warm-up: autoscaled stages reach their load-time replica counts
+            result["graph_qps"] = throughput()
             result["batching"] = {k: v.model_dump() for k, v in cfg.batching.items()}
-            off = cfg.model_copy(
-                update={"batching": {k: BatchOptions(max_batch_size=1) for k in cfg.batching}}
-            )
-            serve.run(build_graph(off), name=APP_NAME, route_prefix="/")
-            ask(questions[0])
-            result["graph_qps_unbatched"] = throughput()
+            if args.compare_batching:
+                off = cfg.model_copy(
+                    update={"batching": {k: BatchOptions(max_batch_size=1) for k in cfg.batching}}
+                )
+                serve.run(build_graph(off), name=APP_NAME, route_prefix="/")
+                ask(questions[0])
+                result["graph_qps_unbatched"] = throughput()
     finally:
         serve.shutdown()
         ray.shutdown()
 
     e, g = result["engine_ms"], result["graph_ms"]
     result["overhead_ms_median"] = g["median"] - e["median"]
-    print(f"{'':28}{'median ms':>12}{'p95 ms':>10}")
-    print(f"{'in-process engine':28}{e['median']:>12.1f}{e['p95']:>10.1f}")
-    print(f"{'graph over HTTP':28}{g['median']:>12.1f}{g['p95']:>10.1f}")
-    print(f"overhead of the graph: {result['overhead_ms_median']:.1f} ms per request (median)")
+    result["latency_ratio"] = g["median"] / e["median"]
+    result["throughput_ratio"] = result["graph_qps"] / result["engine_qps"]
+    print(f"{'':34}{'median ms':>10}{'p95 ms':>9}{'q/s':>8}")
+    print(f"{'in-process engine, sequential':34}{e['median']:>10.1f}{e['p95']:>9.1f}", end="")
+    print(f"{result['engine_qps']:>8.2f}")
+    print(f"{'graph over HTTP, 1 client':34}{g['median']:>10.1f}{g['p95']:>9.1f}")
+    print(f"{f'graph over HTTP, {args.concurrency} clients':34}{'':>19}{result['graph_qps']:>8.2f}")
     print(
-        f"throughput at concurrency {args.concurrency}: "
-        f"batched {result['graph_qps_batched']:.2f} q/s, "
-        f"unbatched {result['graph_qps_unbatched']:.2f} q/s "
-        f"(x{result['graph_qps_batched'] / result['graph_qps_unbatched']:.2f})"
+        f"latency ratio graph / engine (median, 1 client): {result['latency_ratio']:.2f} "
+        f"(+{result['overhead_ms_median']:.1f} ms)"
     )
+    print(
+        f"throughput ratio graph ({args.concurrency} clients) / engine (sequential): "
+        f"{result['throughput_ratio']:.2f}"
+    )
+    if "graph_qps_unbatched" in result:
+        print(f"batching off: {result['graph_qps_unbatched']:.2f} q/s")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2))
     return 0

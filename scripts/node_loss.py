@@ -1,7 +1,7 @@
 """Lose the node that holds the Reader, under a steady trickle of queries, and measure it.
 
 A real multi-node Ray cluster on this machine (ray.cluster_utils: a head with the Ingress,
-Embedder, Generator and Ensemble, a store node with the Retriever over qdrant-client's local
+Embedder and Generator, a store node with the Retriever over qdrant-client's local
 mode, a reader node), the graph deployed with `qaserve deploy` over the dashboard, the
 packaged models, the sample corpus ingested. Then a spare reader node joins, the reader node
 is SIGKILLed, and this prints the failure window (kill -> last failed query), the error
@@ -22,12 +22,14 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # cluster_harness
+
 import yaml
 
 
 def graph_yaml(folder: Path, engine: dict) -> Path:
     """Each stage pinned to a node kind by a custom resource; small CPU grants (2 cores)."""
-    from qaserve.cluster import DRILL_PLACEMENT, pinned_stages
+    from cluster_harness import DRILL_PLACEMENT, pinned_stages
 
     path = folder / "graph.yaml"
     path.write_text(yaml.safe_dump({"engine": engine, "stages": pinned_stages(DRILL_PLACEMENT)}))
@@ -35,8 +37,10 @@ def graph_yaml(folder: Path, engine: dict) -> Path:
 
 
 def one_run(workdir: Path, engine: dict, interval_s: float, settle_s: float) -> dict:
-    from qaserve.cluster import LocalCluster, deploy, node_loss, wait_running
+    from cluster_harness import LocalCluster, node_loss
+
     from qaserve.loaders import sample_documents
+    from qaserve.runtime.cluster import deploy, wait_running
     from qaserve_client.client import Client
 
     lc = LocalCluster({"qaserve_cpu": 100}, num_cpus=2)
@@ -44,7 +48,7 @@ def one_run(workdir: Path, engine: dict, interval_s: float, settle_s: float) -> 
         lc.add("store", {"qaserve_store": 100})
         lc.add("reader-a", {"qaserve_reader": 100})
         lc.wait_dashboard()
-        from qaserve.server import free_port
+        from qaserve.runtime.server import free_port
 
         port = free_port()
         t0 = time.monotonic()

@@ -59,7 +59,7 @@ def parse_filters(items: list[str] | None) -> dict[str, Any] | None:
 
 def _engine(args: argparse.Namespace):
     from qaserve.config import EngineConfig
-    from qaserve.engine import Engine
+    from qaserve.runtime.local import Engine
 
     overrides: dict[str, Any] = {"data_dir": args.data_dir}
     if getattr(args, "reader", None):
@@ -155,6 +155,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
             mode=args.mode,
             retrieval=args.retrieval,
             max_new_tokens=args.max_new_tokens,
+            num_beams=args.num_beams,
         )
     except ValidationError as exc:
         first = exc.errors()[0]
@@ -163,7 +164,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     client = _client(args)
     if client is not None:
         with client:
-            resp = client.query(**request.model_dump(exclude={"stream"}))
+            resp = client.query(**request.model_dump(exclude={"stream"}, exclude_unset=True))
     else:
         engine = _engine(args)
         try:
@@ -305,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retrieval", choices=["dense", "sparse", "hybrid"], default="dense")
     p.add_argument("--top-k-retriever", type=int, default=5)
     p.add_argument("--top-k-reader", type=int, default=3)
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the config's")
+    p.add_argument("--num-beams", type=int, default=None, help="default: the config's")
     p.add_argument(
         "--reader",
         default=None,
@@ -343,12 +345,12 @@ def _extensions() -> list[Callable[[Any], None]]:
     """Commands that live beside the code they drive (training, evaluation, benchmarks)."""
     found = []
     for module in (
-        "qaserve.server",
-        "qaserve.autoscale",
-        "qaserve.train_reader",
-        "qaserve.evaluate",
-        "qaserve.bench",
-        "qaserve.cluster",
+        "qaserve.runtime.server",
+        "qaserve.offline.autoscale",
+        "qaserve.offline.train_reader",
+        "qaserve.offline.evaluate",
+        "qaserve.offline.bench",
+        "qaserve.runtime.cluster",
         "qaserve.loadtests.run",
     ):
         try:

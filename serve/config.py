@@ -156,17 +156,26 @@ class EngineConfig(_Cfg):
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
     ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig)
 
+    def model_sections(self) -> list[Any]:
+        """The config sections that name a model, one per registered stage that has one."""
+        from qaserve.stages import STAGES
+
+        sections = [getattr(self, s.config) for s in STAGES]
+        return [sec for sec in sections if hasattr(sec, "model")]
+
     def resolve_models(self) -> EngineConfig:
         """This config with model-store references (`store:<digest>`, `s3://...`) replaced by
         local copies fetched into cache_dir; hub ids and local paths stay as they are."""
         from qaserve.modelstore import is_reference, resolve
 
-        if not any(is_reference(s.model) for s in (self.embedder, self.reader, self.generator)):
+        if not any(
+            sec.model is not None and is_reference(sec.model) for sec in self.model_sections()
+        ):
             return self
         cfg = self.model_copy(deep=True)
-        for stage in (cfg.embedder, cfg.reader, cfg.generator):
-            if stage.model is not None and is_reference(stage.model):
-                stage.model = resolve(stage.model, cfg.cache_dir, cfg.model_store)
+        for sec in cfg.model_sections():
+            if sec.model is not None and is_reference(sec.model):
+                sec.model = resolve(sec.model, cfg.cache_dir, cfg.model_store)
         return cfg
 
     @classmethod

@@ -6,8 +6,14 @@ tokenizers pool of nproc threads fight for the cores; one number set early avoid
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Executor
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def cpu_budget(requested: float | int | None = None) -> int:
@@ -42,3 +48,44 @@ def bound_threads(requested: float | int | None = None) -> int:
     except ImportError:
         pass
     return n
+
+
+_DONE = object()
+
+
+async def iterate_blocking(
+    make: Callable[[], Iterator[T]], executor: Executor | None = None
+) -> AsyncIterator[T]:
+    """A blocking iterator (a token stream) as an async one, one `next` per executor task.
+
+    When the consumer stops early (a client went away, a timeout), the iterator is closed
+    in the executor once its running step ends, so the work stops instead of running on for
+    nobody. The in-process transport and the generator's Ray replica both stream this way.
+    """
+    loop = asyncio.get_running_loop()
+    state: dict[str, Iterator[T]] = {}
+
+    def step() -> Any:
+        if "it" not in state:
+            state["it"] = make()
+        return next(state["it"], _DONE)
+
+    def close() -> None:
+        close_it = getattr(state.get("it"), "close", None)
+        if close_it is not None:
+            close_it()
+
+    pending: asyncio.Future[Any] | None = None
+    try:
+        while True:
+            pending = loop.run_in_executor(executor, step)
+            item = await asyncio.shield(pending)
+            if item is _DONE:
+                return
+            yield item
+    finally:
+        if pending is not None and not pending.done():
+            # Wait for the step in flight (it cannot be interrupted), then close.
+            await asyncio.wait([pending])
+        with contextlib.suppress(RuntimeError):  # an executor shut down has nothing to stop
+            await loop.run_in_executor(executor, close)

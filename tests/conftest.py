@@ -65,15 +65,14 @@ class ApiServer:
     url: str
     write_key: str
     read_key: str
-    backend: Any  # the LocalBackend behind it
+    backend: Any  # the local Pipeline behind it
 
 
 @pytest.fixture(scope="session")
 def local_backend(tiny_engine_config: Any) -> Iterator[Any]:
-    from qaserve.engine import Engine
-    from qaserve.local_backend import LocalBackend
+    from qaserve.runtime.local import local_pipeline
 
-    backend = LocalBackend(Engine(tiny_engine_config), workers=2)
+    backend = local_pipeline(tiny_engine_config, workers=2)
     yield backend
     backend.close()
 
@@ -81,8 +80,8 @@ def local_backend(tiny_engine_config: Any) -> Iterator[Any]:
 @pytest.fixture(scope="session")
 def api_server(local_backend: Any, serve_app: Callable[[Any], str]) -> ApiServer:
     """The app over the tiny engine: a write key and a read key, reads open, 64 KiB bodies."""
-    from qaserve.api import build_app
     from qaserve.config import ApiKey, ServerConfig
+    from qaserve.runtime.api import build_app
 
     cfg = ServerConfig(
         api_keys=[ApiKey(key=WRITE_KEY, write=True), ApiKey(key=READ_KEY)],

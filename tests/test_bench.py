@@ -15,12 +15,12 @@ import pytest
 from test_reader import _save, random_model
 from transformers import AutoTokenizer
 
-from qaserve.bench import VARIANTS, TorchReader, build_readers, locate_models
 from qaserve.cli import main
 from qaserve.config import ReaderConfig, packaged_embedder
 from qaserve.deployments.onnx_export import export_reader, write_reader_folder
 from qaserve.deployments.reader import Reader
 from qaserve.errors import ConfigError
+from qaserve.offline.bench import VARIANTS, TorchReader, build_readers, locate_models
 from qaserve.subjqa import load_subjqa
 from qaserve_client.schema import ReadDocument
 

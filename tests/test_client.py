@@ -13,9 +13,9 @@ import httpx
 import pytest
 from tiny_models import FaultyBackend
 
-from qaserve.api import build_app
 from qaserve.config import ServerConfig
 from qaserve.errors import Overloaded as ServerOverloaded
+from qaserve.runtime.api import build_app
 from qaserve_client import errors, sse
 from qaserve_client.client import AsyncClient, Client, Retry
 from qaserve_client.schema import (

@@ -4,7 +4,7 @@ custom resources, the store in qdrant-client's local mode (standing in for a Qdr
 the same client, the same calls), driven through the SDK; `qaserve status` names the nodes;
 then the node holding the Reader is SIGKILLed under a trickle of queries.
 
-One cluster for the module: head (Ingress, Embedder, Generator, Ensemble), a store node
+One cluster for the module: head (Ingress, Embedder, Generator), a store node
 (Retriever), a reader node (Reader); a spare reader node joins before the kill.
 """
 
@@ -32,7 +32,7 @@ from test_graph import DOCS  # noqa: E402
 
 @dataclass
 class Deployed:
-    lc: Any  # qaserve.cluster.LocalCluster
+    lc: Any  # qaserve.runtime.cluster.LocalCluster
     url: str
     nodes: dict[str, str]  # node name -> node id
     qdrant: Path  # qdrant-client local-mode folder
@@ -52,14 +52,11 @@ def _qaserve(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[st
 def deployed(
     tiny_engine_config: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Deployed]:
-    from qaserve.cluster import (
-        DRILL_PLACEMENT,
-        LocalCluster,
-        pinned_stages,
-        wait_running,
-    )
+    from cluster_harness import DRILL_PLACEMENT, LocalCluster, pinned_stages
+
     from qaserve.modelstore import publish
-    from qaserve.server import free_port
+    from qaserve.runtime.cluster import wait_running
+    from qaserve.runtime.server import free_port
 
     work = tmp_path_factory.mktemp("cluster")
     engine = tiny_engine_config.model_dump(mode="json") | {
@@ -100,7 +97,7 @@ def deployed(
 
 
 def test_status_names_the_nodes_each_stage_was_pinned_to(deployed: Deployed) -> None:
-    from qaserve.cluster import DRILL_PLACEMENT
+    from cluster_harness import DRILL_PLACEMENT
 
     out = _qaserve("status", "--address", deployed.lc.dashboard_url, "--json")
     assert out.returncode == 0, out.stdout + out.stderr[-2000:]
@@ -117,7 +114,7 @@ def test_status_names_the_nodes_each_stage_was_pinned_to(deployed: Deployed) -> 
 
 def test_replicas_run_the_uploaded_packages(deployed: Deployed) -> None:
     """The deploy shipped qaserve as the app's working_dir, not the test machine's install."""
-    from qaserve.cluster import serve_details
+    from qaserve.runtime.cluster import serve_details
 
     details, _ = serve_details(deployed.lc.dashboard_url)
     app = details["applications"]["qaserve"]
@@ -150,7 +147,9 @@ def test_the_sdk_through_the_cluster_with_qdrant_client_mode(deployed: Deployed)
 
 
 def test_losing_the_reader_node_costs_a_bounded_window_and_no_documents(deployed: Deployed) -> None:
-    from qaserve.cluster import node_loss, replica_rows, serve_details
+    from cluster_harness import node_loss
+
+    from qaserve.runtime.cluster import replica_rows, serve_details
     from qaserve_client.client import Client
 
     with Client(deployed.url, timeout=120) as client:
@@ -181,13 +180,14 @@ def test_losing_the_reader_node_costs_a_bounded_window_and_no_documents(deployed
 
 def test_redeploy_through_ray_client_applies_the_new_config(deployed: Deployed) -> None:
     """`qaserve deploy --address ray://...` (Ray Client + serve.run) updates the running app:
-    two Ensemble replicas now, reported by `qaserve status` over Ray Client too."""
-    from qaserve.cluster import DRILL_PLACEMENT, pinned_stages
+    two Ingress replicas now, reported by `qaserve status` over Ray Client too."""
+    from cluster_harness import DRILL_PLACEMENT, pinned_stages
+
     from qaserve_client.client import Client
 
     graph = yaml.safe_load((deployed.qdrant.parent / "graph.yaml").read_text())
     graph["stages"] = pinned_stages(DRILL_PLACEMENT)
-    graph["stages"]["Ensemble"]["num_replicas"] = 2
+    graph["stages"]["Ingress"]["num_replicas"] = 2
     path = deployed.qdrant.parent / "graph-2.yaml"
     path.write_text(yaml.safe_dump(graph))
     port = deployed.url.rsplit(":", 1)[1]
@@ -198,7 +198,7 @@ def test_redeploy_through_ray_client_applies_the_new_config(deployed: Deployed) 
     status = _qaserve("status", *args, "--json")
     assert status.returncode == 0, status.stdout + status.stderr[-2000:]
     rows = json.loads(status.stdout)
-    assert sum(r["stage"] == "Ensemble" and r["state"] == "RUNNING" for r in rows) == 2, rows
+    assert sum(r["stage"] == "Ingress" and r["state"] == "RUNNING" for r in rows) == 2, rows
     with Client(deployed.url, timeout=120) as client:
         assert client.get_document("r1").text == DOCS[0]["text"]
         assert client.query("How is the sound?", mode="extractive").documents

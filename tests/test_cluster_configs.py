@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 import yaml
 
-from qaserve.graph import STAGES, GraphConfig, expand_env
-from qaserve.server import CONFIG_DIR, render_serve_config
+from qaserve.runtime.graph_config import GraphConfig, expand_env
+from qaserve.runtime.server import CONFIG_DIR, render_serve_config
+from qaserve.stages import DEPLOYMENTS as STAGES
 
 SERVE_CLUSTER_ARGS = ("cluster.yaml", "0.0.0.0", 8000, "EveryNode")
 

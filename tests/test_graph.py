@@ -24,8 +24,9 @@ ray = pytest.importorskip("ray")
 def graph(tiny_engine_config: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from ray import serve
 
-    from qaserve.graph import APP_NAME, GraphConfig, StageOptions, build_graph
-    from qaserve.server import free_port
+    from qaserve.runtime.graph import build_graph
+    from qaserve.runtime.graph_config import APP_NAME, GraphConfig, StageOptions
+    from qaserve.runtime.server import free_port
 
     stages = {
         "Ingress": StageOptions(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64),
@@ -36,7 +37,6 @@ def graph(tiny_engine_config: Any, tmp_path_factory: pytest.TempPathFactory) -> 
         "Generator": StageOptions(
             ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=1, max_queued_requests=1
         ),
-        "Ensemble": StageOptions(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=16),
     }
     # Its own store: the in-process API tests keep the session's Edge shard open, and a
     # shard has one owner.

@@ -201,13 +201,12 @@ def _loadtest(url: str, tmp_path: Path, limits: dict[str, Any], *extra: str) -> 
 def test_headless_run_against_the_app(
     tiny_engine_config: Any, serve_app: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from qaserve.api import build_app
     from qaserve.config import ApiKey, ServerConfig
-    from qaserve.engine import Engine
-    from qaserve.local_backend import LocalBackend
+    from qaserve.runtime.api import build_app
+    from qaserve.runtime.local import local_pipeline
 
     engine = tiny_engine_config.model_copy(update={"data_dir": tmp_path / "store"})
-    backend = LocalBackend(Engine(engine), workers=2)
+    backend = local_pipeline(engine, workers=2)
     try:
         key = "loadtest-key-0001"
         cfg = ServerConfig(api_keys=[ApiKey(key=key, write=True)])

@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 import yaml
 
-from qaserve.graph import STAGES, GraphConfig
-from qaserve.server import CONFIG_DIR, free_port, render_serve_config
+from qaserve.runtime.graph_config import GraphConfig
+from qaserve.runtime.server import CONFIG_DIR, free_port, render_serve_config
+from qaserve.stages import DEPLOYMENTS as STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,7 +37,7 @@ def test_serve_config_passes_rays_schema_and_ours() -> None:
     data = yaml.safe_load((CONFIG_DIR / "serve-local.yaml").read_text())
     schema = ServeDeploySchema.model_validate(data)
     app = schema.applications[0]
-    assert app.import_path == "qaserve.graph:app"
+    assert app.import_path == "qaserve.runtime.graph:app"
     assert [d.name for d in app.deployments] == list(STAGES)
     graph = GraphConfig.load(CONFIG_DIR / "local.yaml")
     # With every autoscaled stage at its maximum the CPU grants still fit 2 cores.
@@ -173,7 +174,7 @@ def test_autoscaling_up_then_down(tiny_engine_config: Any, tmp_path: Any) -> Non
 
     import yaml
 
-    from qaserve.graph import STAGES
+    from qaserve.stages import DEPLOYMENTS as STAGES
 
     engine = tiny_engine_config.model_dump(mode="json") | {"data_dir": str(tmp_path / "data")}
     stages = {name: {"ray_actor_options": {"num_cpus": 0.1}} for name in STAGES}

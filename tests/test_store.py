@@ -12,7 +12,13 @@ import pytest
 
 from qaserve.config import EngineConfig
 from qaserve.deployments.passages import Passage, SplitDocument
-from qaserve.deployments.store import DocumentStore, EdgeStore, QdrantClientStore, make_store
+from qaserve.deployments.store import (
+    DocumentStore,
+    EdgeStore,
+    QdrantClientStore,
+    _QdrantStore,
+    make_store,
+)
 from qaserve.errors import BadRequest, ConfigError, DocumentNotFound
 
 DIM = 16
@@ -58,6 +64,7 @@ def _all_hits(store: DocumentStore, **kw: object):
 def test_factory_picks_backend(backend: str, tmp_path: Path, store: DocumentStore) -> None:
     assert isinstance(store, DocumentStore)
     assert isinstance(store, EdgeStore if backend == "edge" else QdrantClientStore)
+    assert isinstance(store, _QdrantStore)  # so every test here runs the one shared algorithm
     assert store.collection == "docs"
 
 
@@ -255,16 +262,49 @@ def test_reopen_persists(backend: str, tmp_path: Path) -> None:
         again.close()
 
 
-def test_edge_stores_on_one_dir_share_the_shard(tmp_path: Path) -> None:
-    cfg = _cfg("edge", tmp_path)
+@pytest.mark.parametrize("backend", ["edge", "path"])
+def test_stores_on_one_location_share_the_shard_or_client(backend: str, tmp_path: Path) -> None:
+    cfg = _cfg(backend, tmp_path)
     a, b = make_store(cfg, "docs", DIM), make_store(cfg, "docs", DIM)
     try:
         a.upsert([_doc("x", ["text"])], [_unit(1)])
         assert b.count() == 1
         a.close()
+        a.close()  # a second close releases nothing more
         assert b.get("x").text == "text"  # closing one does not close the other
     finally:
         b.close()
+    again = make_store(cfg, "docs", DIM)  # the last close released it: it opens afresh
+    try:
+        assert again.get("x").text == "text"
+    finally:
+        again.close()
+
+
+def test_in_memory_stores_are_separate_databases(tmp_path: Path) -> None:
+    cfg = _cfg("memory", tmp_path)
+    a, b = make_store(cfg, "docs", DIM), make_store(cfg, "docs", DIM)
+    try:
+        a.upsert([_doc("x", ["text"])], [_unit(1)])
+        assert (a.count(), b.count()) == (1, 0)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_edge_optimize(tmp_path: Path) -> None:
+    s = make_store(_cfg("edge", tmp_path), "docs", DIM)
+    try:
+        assert isinstance(s, EdgeStore)
+        assert s.optimize() is False  # no collection yet: nothing opened or created
+        assert not s.exists()
+        s.upsert([_doc("a", ["one", "two"])], [_unit(1, 2)])
+        s.delete("a")
+        s.upsert([_doc("b", ["three"])], [_unit(2)])
+        assert isinstance(s.optimize(), bool)
+        assert [(h.id, h.passage) for h in _all_hits(s)] == [("b", 0)]
+    finally:
+        s.close()
 
 
 def test_edge_rejects_a_different_dimension(tmp_path: Path) -> None:

@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qaserve.subjqa import load_subjqa
-from qaserve.train_reader import (
+from qaserve.offline.train_reader import (
     best_span,
     length_batches,
     make_features,
@@ -19,6 +18,7 @@ from qaserve.train_reader import (
     train_reader,
     training_targets,
 )
+from qaserve.subjqa import load_subjqa
 
 FIXTURE = Path(__file__).parent / "fixtures" / "subjqa_mini.csv"
 

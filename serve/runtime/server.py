@@ -16,9 +16,10 @@ from typing import Any
 
 import yaml
 
-from qaserve.graph import APP_NAME, STAGES, GraphConfig
+from qaserve.runtime.graph_config import APP_NAME, GraphConfig
+from qaserve.stages import DEPLOYMENTS
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 def free_port() -> int:
@@ -50,7 +51,7 @@ def serve_config(
     """The Ray Serve config (ServeDeploySchema) equivalent to `cfg`. HeadOnly suits one
     machine; a cluster behind a load balancer wants EveryNode (a proxy on each node)."""
     deployments = []
-    for name in STAGES:
+    for name in DEPLOYMENTS:
         opts = cfg.stages[name].serve_options()
         deployments.append({"name": name, **opts})
     return {
@@ -60,7 +61,7 @@ def serve_config(
             {
                 "name": APP_NAME,
                 "route_prefix": "/",
-                "import_path": "qaserve.graph:app",
+                "import_path": "qaserve.runtime.graph:app",
                 "args": {"config": graph_config},
                 "deployments": deployments,
             }
@@ -145,7 +146,7 @@ def run_server(
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
     try:
-        from qaserve.graph import build_graph
+        from qaserve.runtime.graph import build_graph
 
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_graph(cfg), name=APP_NAME, route_prefix="/")

@@ -63,7 +63,7 @@ PIPELINE_NOTE = (
     "transformers 5 removed pipeline('question-answering'); the torch baseline is the same "
     "checkpoint in torch fp32 behind the reader's own pre/post-processing"
 )
-_REPO = Path(__file__).resolve().parents[1]
+_REPO = Path(__file__).resolve().parents[2]
 
 
 # --- the torch baseline --------------------------------------------------------------------

@@ -68,7 +68,7 @@ def _sweep(ensemble: Any, reads: list[Any], gens: list[Any], examples: list[Any]
     """Ensemble EM/F1 for several reader thresholds: pick the default on dev splits."""
     from qaserve.deployments.ensemble import Ensemble
 
-    out = {}
+    out: dict[str, Any] = {}
     for threshold in (0.0, 0.05, 0.1, 0.15, 0.25, 0.4):
         cfg = ensemble.cfg.model_copy(update={"reader_threshold": threshold})
         ens = Ensemble(cfg)
@@ -100,9 +100,10 @@ def evaluate(
     from tqdm.auto import tqdm
 
     from qaserve.config import EngineConfig
-    from qaserve.engine import Engine, as_read_documents
+    from qaserve.deployments.ensemble import Ensemble
+    from qaserve.runtime.local import Engine
     from qaserve.subjqa import load_subjqa, unique_reviews
-    from qaserve_client.schema import ReadDocument
+    from qaserve_client.schema import QueryRequest, ReadDocument, ReadResponse
 
     examples = load_subjqa(path, split=split)
     if limit:
@@ -173,22 +174,25 @@ def evaluate(
         )
         report["reader"]["model"] = engine.reader.info().model_dump()
 
-        # Retriever + reader (and keep what the generator subset needs).
-        preds, retrieved, reads = [], [], []
-        for ex in tqdm(examples, desc="retriever + reader", disable=not progress):
-            hits = engine.retriever.retrieve(
-                ex.question,
-                top_k=top_k_retriever,
-                filters={"item_id": ex.item_id},
-                collection=collection,
-                mode=pipeline_retrieval,
+        # Retriever + reader, then generator and ensemble: the server's own query pipeline.
+        def ask(ex: Any, mode: str, **settings: Any) -> Any:
+            return engine.query(
+                QueryRequest(
+                    question=ex.question,
+                    top_k_retriever=top_k_retriever,
+                    filters={"item_id": ex.item_id},
+                    collection=collection,
+                    retrieval=pipeline_retrieval,  # type: ignore[arg-type]
+                    mode=mode,  # type: ignore[arg-type]
+                    **settings,
+                )
             )
-            docs_ = as_read_documents(hits)
-            out = engine.reader.read(ex.question, docs_, top_k=3, handle_impossible_answer=True)
-            retrieved.append(docs_)
-            reads.append(out)
-            best = out.answers[0].answer if out.answers else ""
-            preds.append(best)
+
+        preds, reads = [], []
+        for ex in tqdm(examples, desc="retriever + reader", disable=not progress):
+            resp = ask(ex, "extractive")
+            reads.append(ReadResponse(answers=resp.answers, no_answer_score=resp.no_answer_score))
+            preds.append(resp.answer.text)
         report["pipeline"] = _score(preds, examples)
         report["pipeline"].update(retrieval=pipeline_retrieval, top_k_retriever=top_k_retriever)
 
@@ -199,18 +203,19 @@ def evaluate(
             gen_preds, ens_preds, rd_preds, gens = [], [], [], []
             t = time.perf_counter()
             for i, ex in enumerate(tqdm(subset, desc="generator + ensemble", disable=not progress)):
-                gen = engine.generator.generate(
-                    ex.question, retrieved[i], max_new_tokens=max_new_tokens
-                )
+                resp = ask(ex, "ensemble", max_new_tokens=max_new_tokens)
+                gen = resp.generated
                 gens.append(gen)
-                gen_preds.append(gen.text.strip())
-                ens_preds.append(engine.ensemble.combine("ensemble", reads[i], gen).text)
-                rd_preds.append(reads[i].answers[0].answer if reads[i].answers else "")
+                gen_preds.append(gen.text.strip() if gen is not None else "")
+                ens_preds.append(resp.answer.text)
+                rd_preds.append(preds[i])
             report["generator"] = _score(gen_preds, subset)
             report["generator"]["s_per_question"] = round((time.perf_counter() - t) / n, 2)
             report["ensemble"] = _score(ens_preds, subset)
             report["pipeline_on_subset"] = _score(rd_preds, subset)
-            report["ensemble_threshold_sweep"] = _sweep(engine.ensemble, reads[:n], gens, subset)
+            report["ensemble_threshold_sweep"] = _sweep(
+                Ensemble(engine.cfg.ensemble), reads[:n], gens, subset
+            )
             report["generator_examples"] = [
                 {"question": ex.question, "gold": _golds(ex)[:3], "generated": g, "ensemble": e}
                 for ex, g, e in list(zip(subset, gen_preds, ens_preds, strict=True))[:5]

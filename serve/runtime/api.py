@@ -1,9 +1,9 @@
-"""The v1 HTTP API: a FastAPI app over any `Backend` (in-process engine or Ray handles).
+"""The v1 HTTP API: a FastAPI app over the pipeline (qaserve.pipeline), whichever transport
+runs its stages (in-process or Ray handles).
 
 The app owns everything HTTP: validation, keys, body limits, admission, timeouts, error
-bodies and SSE; the backend owns the models. Routes look the backend up in
-`app.state.backend`, so a Ray ingress can build the app at import time and bind itself in
-its constructor (`app.state.backend = self`).
+bodies and SSE; the pipeline owns the query and the stages own the models. Routes look the
+pipeline up in `app.state.backend`, so an app can be built before its pipeline exists.
 """
 
 from __future__ import annotations
@@ -12,17 +12,15 @@ import asyncio
 import hmac
 import json
 import logging
-import math
 from collections.abc import AsyncIterator, Awaitable
-from contextlib import aclosing, asynccontextmanager
-from typing import Any, Protocol, TypeVar
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
 
 import anyio
 from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -35,14 +33,14 @@ from qaserve.errors import (
     Overloaded,
     PayloadTooLarge,
     QAServeError,
-    StageTimeout,
     Unauthorized,
+    as_api_error,
 )
+from qaserve.pipeline import Event, Pipeline
 from qaserve_client import sse
 from qaserve_client.schema import (
     DocumentOut,
     ErrorResponse,
-    GeneratedToken,
     GenerateRequest,
     GenerateResponse,
     HealthResponse,
@@ -51,7 +49,6 @@ from qaserve_client.schema import (
     ModelsResponse,
     QueryRequest,
     QueryResponse,
-    ReadDocument,
     ReadRequest,
     ReadResponse,
     ReadyResponse,
@@ -59,29 +56,8 @@ from qaserve_client.schema import (
     RetrieveResponse,
 )
 
-log = logging.getLogger("qaserve.api")
+log = logging.getLogger("qaserve.runtime.api")
 T = TypeVar("T")
-Event = tuple[str, BaseModel]
-
-
-class Backend(Protocol):
-    """What the app needs from the models; errors are `qaserve.errors.QAServeError`s."""
-
-    async def ingest(self, request: IngestRequest) -> IngestResponse: ...
-    async def get_document(self, doc_id: str, collection: str | None = None) -> DocumentOut: ...
-    async def delete_document(self, doc_id: str, collection: str | None = None) -> None: ...
-    async def retrieve(self, request: RetrieveRequest) -> RetrieveResponse: ...
-    async def read(self, request: ReadRequest) -> ReadResponse: ...
-    async def generate(self, request: GenerateRequest) -> GenerateResponse: ...
-    def generate_stream(self, request: GenerateRequest) -> AsyncIterator[GeneratedToken]: ...
-    async def query(self, request: QueryRequest) -> QueryResponse: ...
-    def query_events(self, request: QueryRequest) -> AsyncIterator[Event]:
-        """("documents", RetrieveResponse), ("answers", ReadResponse), ("token",
-        GeneratedToken)..., ("answer", QueryResponse): Engine.query_events' contract."""
-        ...
-
-    async def models(self) -> ModelsResponse: ...
-    async def ready(self) -> dict[str, bool]: ...
 
 
 _HTTP_TYPES = {
@@ -102,16 +78,6 @@ def error_response(exc: QAServeError, retry_after: int = 1) -> JSONResponse:
     elif isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse(exc.to_dict(), status_code=exc.status, headers=headers)
-
-
-def as_qaserve_error(exc: BaseException, op: str, timeout: float) -> QAServeError:
-    """Any exception from a backend call as the error the client sees; logs the unexpected."""
-    if isinstance(exc, QAServeError):
-        return exc
-    if isinstance(exc, TimeoutError):
-        return StageTimeout(f"{op} did not answer within {timeout:g} s")
-    log.error("%s failed", op, exc_info=exc)
-    return InternalError("internal server error")
 
 
 def validation_error(exc: RequestValidationError) -> QAServeError:
@@ -250,16 +216,6 @@ class KeyCheck:
 # --- the app -----------------------------------------------------------------------------------
 
 
-def document_weights(documents: list[ReadDocument]) -> list[float]:
-    """p(z|x) as the RAG-Token generator defines it: softmax of the scores, else uniform."""
-    scores = [d.score for d in documents if d.score is not None]
-    if len(scores) < len(documents):
-        return [1 / len(documents)] * len(documents)
-    top = max(scores, default=0.0)
-    exps = [math.exp(s - top) for s in scores]
-    return [e / sum(exps) for e in exps]
-
-
 class _Calls:
     """Backend calls under the configured timeouts, errors mapped to QAServeError."""
 
@@ -273,7 +229,7 @@ class _Calls:
         except (QAServeError, StopAsyncIteration):
             raise
         except Exception as exc:
-            raise as_qaserve_error(exc, op, timeout) from exc
+            raise as_api_error(exc, op, timeout) from exc
 
     async def events(self, op: str, events: AsyncIterator[Event]) -> StreamingResponse:
         """SSE of `events` then `done`; each event under the timeout. An error before the
@@ -301,7 +257,7 @@ class _Calls:
                     item = await step()
                 yield sse.encode("done", "{}")
             except Exception as exc:
-                error = as_qaserve_error(exc, op, timeout)
+                error = as_api_error(exc, op, timeout)
                 yield sse.encode("error", json.dumps(error.to_dict()))
             finally:
                 # Shielded: after a client disconnects the scope is cancelled, and an
@@ -325,22 +281,6 @@ async def _aclose(iterator: AsyncIterator[Any]) -> None:
             log.debug("closing a stream failed", exc_info=True)
 
 
-async def _generate_events(backend: Backend, request: GenerateRequest) -> AsyncIterator[Event]:
-    tokens: list[GeneratedToken] = []
-    async with aclosing(backend.generate_stream(request)) as stream:  # type: ignore[type-var]
-        async for token in stream:
-            tokens.append(token)
-            yield "token", token
-    yield (
-        "generated",
-        GenerateResponse(
-            text="".join(t.text for t in tokens),
-            tokens=tokens,
-            document_weights=document_weights(request.documents),
-        ),
-    )
-
-
 _SSE_DOC = {
     "description": 'With `"stream": true`: `text/event-stream` (see the route description).',
     "content": {"text/event-stream": {"schema": {"type": "string"}}},
@@ -358,15 +298,16 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _backend(request: Request) -> Backend:
+def _backend(request: Request) -> Pipeline:
     backend = request.app.state.backend
     if backend is None:
         raise Overloaded("the server is starting")
     return backend
 
 
-def build_app(backend: Backend | None, cfg: ServerConfig | None = None) -> FastAPI:
-    """The app; `backend` None means "bound later" through `app.state.backend` (503 until)."""
+def build_app(backend: Pipeline | None, cfg: ServerConfig | None = None) -> FastAPI:
+    """The app over the pipeline (any transport); None means "bound later" through
+    `app.state.backend` (503 until then)."""
     cfg = cfg or ServerConfig()
     call = _Calls(cfg)
     keys = KeyCheck(cfg)
@@ -459,9 +400,7 @@ def build_app(backend: Backend | None, cfg: ServerConfig | None = None) -> FastA
         failed stream."""
         backend = _backend(request)
         if body.stream:
-            if body.num_beams != 1:
-                raise InvalidRequest("a stream decodes greedily: num_beams must be 1", "num_beams")
-            return await call.events("generate", _generate_events(backend, body))
+            return await call.events("generate", backend.generate_events(body))
         return await call("generate", backend.generate(body))
 
     @app.post(

@@ -12,7 +12,7 @@ import threading
 import time
 from typing import Any
 
-from qaserve.graph import GraphConfig, StageOptions
+from qaserve.runtime.graph_config import GraphConfig, StageOptions
 
 DEMO_AUTOSCALING = {
     "min_replicas": 1,
@@ -57,7 +57,7 @@ def run_demo(
     """
     from ray import serve
 
-    from qaserve.graph import build_graph
+    from qaserve.runtime.graph import build_graph
     from qaserve_client.schema import ReadDocument, ReadRequest
 
     stages = dict(cfg.stages)
@@ -133,7 +133,7 @@ def _cmd(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from qaserve.server import resolve_config
+    from qaserve.runtime.server import resolve_config
 
     cfg = GraphConfig.load(resolve_config(args.config))
     ray.init(address="local", include_dashboard=False, log_to_driver=False)

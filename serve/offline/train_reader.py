@@ -542,7 +542,7 @@ def register(subparsers: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m qaserve.train_reader", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m qaserve.offline.train_reader", description=__doc__)
     _add_args(p)
     return _run(p.parse_args(argv))
 

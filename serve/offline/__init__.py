@@ -1,0 +1,1 @@
+"""Offline tools: training, evaluation, benchmarks and demos; never imported by a server."""

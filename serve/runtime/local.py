@@ -1,0 +1,227 @@
+"""The in-process transport: `LocalStages` runs the registry's stage objects in a thread pool,
+so the one pipeline serves without Ray; `Engine` is the same pipeline as plain blocking calls
+for the CLI, `qaserve eval` and the benchmarks.
+
+The stages' calls block (torch, ONNX Runtime, Qdrant Edge), so each runs in a small pool and
+the event loop stays free; streams advance one item per pool task. Writes to the embedded
+store go one at a time. Stages load on first use, or all at startup with `preload`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from qaserve.config import EngineConfig
+from qaserve.pipeline import Pipeline
+from qaserve.stages import STAGES, model_infos, stage, with_needs
+from qaserve.threads import bound_threads, iterate_blocking
+from qaserve_client.schema import (
+    DocumentIn,
+    DocumentOut,
+    GeneratedToken,
+    GenerateRequest,
+    GenerateResponse,
+    IngestRequest,
+    IngestResponse,
+    ModelInfo,
+    QueryRequest,
+    QueryResponse,
+    ReadRequest,
+    ReadResponse,
+    RetrievedDocument,
+    RetrieveRequest,
+)
+
+if TYPE_CHECKING:
+    from qaserve.deployments.generator import RagTokenGenerator
+    from qaserve.deployments.reader import Reader
+    from qaserve.deployments.retriever import Embedder, Retriever
+
+log = logging.getLogger("qaserve.local")
+T = TypeVar("T")
+
+
+class LocalStages:
+    """`StageCalls` over stage objects held in this process."""
+
+    def __init__(self, cfg: EngineConfig, workers: int = 4, preload: bool = True) -> None:
+        """`preload` loads every stage at app startup, so /readyz means "can answer"."""
+        self.cfg = cfg.resolve_models()
+        self.threads = bound_threads(self.cfg.threads or None)
+        self.preload = preload
+        self.load_errors: dict[str, str] = {}
+        self._built: dict[str, Any] = {}
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qaserve")
+        self._write_lock = threading.Lock()
+        self._load_lock = threading.RLock()
+
+    # --- the stage objects --------------------------------------------------------------------
+
+    def stage(self, name: str) -> Any:
+        """The stage object, built (with what it needs) on first use."""
+        built = self._built.get(name)
+        if built is not None:
+            return built
+        with self._load_lock:
+            for s in with_needs([name]):
+                if s.name not in self._built:
+                    self._built[s.name] = s.build(self.cfg, self.threads, self._built)
+            return self._built[name]
+
+    @property
+    def embedder(self) -> Embedder:
+        return self.stage("embedder")
+
+    @property
+    def retriever(self) -> Retriever:
+        return self.stage("retriever")
+
+    @property
+    def reader(self) -> Reader:
+        return self.stage("reader")
+
+    @property
+    def generator(self) -> RagTokenGenerator:
+        return self.stage("generator")
+
+    def loaded(self, name: str) -> bool:
+        return name in self._built
+
+    def load(self) -> None:
+        """Build every stage once; a stage that fails stays not-ready and the others serve."""
+        for s in STAGES:
+            if s.name in self._built or s.name in self.load_errors:
+                continue
+            try:
+                self.stage(s.name)
+            except Exception as exc:
+                self.load_errors[s.name] = str(exc)
+                log.warning("stage %s failed to load: %s", s.name, exc)
+
+    # --- StageCalls ----------------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        if self.preload:
+            await self._run(self.load)
+
+    async def ready(self, name: str) -> bool:
+        stage(name)  # an unknown name is an error, not "not ready"
+        return self.loaded(name)
+
+    async def info(self, name: str) -> list[ModelInfo]:
+        return model_infos(await self._run(lambda: self.stage(name).info()))
+
+    async def retrieve(self, request: RetrieveRequest) -> list[RetrievedDocument]:
+        return await self._run(
+            lambda: self.retriever.retrieve(
+                request.query,
+                top_k=request.top_k,
+                filters=request.filters,
+                collection=request.collection,
+                mode=request.retrieval,
+            )
+        )
+
+    async def read(self, request: ReadRequest) -> ReadResponse:
+        return await self._run(lambda: self.reader.read_batch([request])[0])
+
+    async def generate(self, request: GenerateRequest) -> GenerateResponse:
+        return await self._run(
+            lambda: self.generator.generate(
+                request.question, request.documents, request.max_new_tokens, request.num_beams
+            )
+        )
+
+    def generate_stream(self, request: GenerateRequest) -> AsyncIterator[GeneratedToken]:
+        return iterate_blocking(
+            lambda: self.generator.stream(
+                request.question, request.documents, request.max_new_tokens, request.num_beams
+            ),
+            self._pool,
+        )
+
+    async def ingest(self, request: IngestRequest) -> IngestResponse:
+        return await self._run(
+            self._write, self.retriever.ingest, request.documents, request.collection
+        )
+
+    async def get_document(self, doc_id: str, collection: str | None) -> DocumentOut:
+        return await self._run(lambda: self.retriever.get(doc_id, collection))
+
+    async def delete_document(self, doc_id: str, collection: str | None) -> None:
+        await self._run(self._write, self.retriever.delete, doc_id, collection)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        retriever = self._built.get("retriever")
+        if retriever is not None:
+            retriever.close()
+
+    # --- plumbing ------------------------------------------------------------------------------
+
+    def _write(self, fn: Callable[..., T], *args: Any) -> T:
+        with self._write_lock:
+            return fn(*args)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, functools.partial(fn, *args))
+
+
+def local_pipeline(cfg: EngineConfig, workers: int = 4, preload: bool = True) -> Pipeline:
+    """The pipeline in this process: what `build_app` serves without Ray."""
+    stages = LocalStages(cfg, workers=workers, preload=preload)
+    return Pipeline(stages, stages.cfg.ensemble)
+
+
+class Engine:
+    """The pipeline as blocking calls, stages loaded on first use (`ask --mode extractive`
+    never pays for the generator): the CLI, `qaserve eval` and the benchmarks."""
+
+    def __init__(self, cfg: EngineConfig | None = None, workers: int = 2) -> None:
+        self.stages = LocalStages(cfg or EngineConfig.load(), workers=workers, preload=False)
+        self.cfg = self.stages.cfg
+        self.pipeline = Pipeline(self.stages, self.cfg.ensemble)
+        self._loop = asyncio.new_event_loop()
+
+    def run(self, call: Coroutine[Any, Any, T]) -> T:
+        return self._loop.run_until_complete(call)
+
+    @property
+    def retriever(self) -> Retriever:
+        return self.stages.retriever
+
+    @property
+    def reader(self) -> Reader:
+        return self.stages.reader
+
+    @property
+    def generator(self) -> RagTokenGenerator:
+        return self.stages.generator
+
+    def ingest(
+        self, documents: list[DocumentIn], collection: str | None = None, progress: bool = False
+    ) -> IngestResponse:
+        return self.retriever.ingest(documents, collection=collection, progress=progress)
+
+    def get_document(self, doc_id: str, collection: str | None = None) -> DocumentOut:
+        return self.retriever.get(doc_id, collection=collection)
+
+    def delete_document(self, doc_id: str, collection: str | None = None) -> None:
+        self.retriever.delete(doc_id, collection=collection)
+
+    def query(self, request: QueryRequest) -> QueryResponse:
+        return self.run(self.pipeline.query(request))
+
+    def models(self) -> list[ModelInfo]:
+        return self.run(self.pipeline.models()).models
+
+    def close(self) -> None:
+        self.stages.close()
+        self._loop.close()
