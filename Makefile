@@ -6,7 +6,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export QASERVE_DATA_DIR ?= $(CURDIR)/.qaserve/data
 export QASERVE_CACHE_DIR ?= $(CURDIR)/.qaserve/cache
 
-.PHONY: setup serve demo test test-fast loadtest lint format clean
+.PHONY: setup serve demo test test-fast loadtest lint typecheck check format clean
 
 setup:
 	@bash scripts/setup.sh
@@ -28,6 +28,12 @@ loadtest: setup  ## start the graph, run the `check` Locust profile, check loadt
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+typecheck: setup  ## mypy, configured in pyproject.toml [tool.mypy]
+	$(PY) scripts/typecheck.py
+
+check: setup  ## lint + format check + type check, as CI runs it before the tests
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(PY) scripts/typecheck.py
 
 format: setup
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .

@@ -57,6 +57,7 @@ __all__ = ["AsyncClient", "Client", "Retry"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
+ModelT = TypeVar("ModelT", bound=BaseModel)
 QueryEvent = tuple[str, BaseModel]
 DocumentLike = DocumentIn | BaseModel | Mapping[str, Any] | str
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -81,8 +82,8 @@ class Call(Generic[T]):
         return replace(self, json={**(self.json or {}), "stream": True}, events=events)
 
 
-def _model(cls: type[T]) -> Callable[[httpx.Response], T]:
-    return lambda response: cls.model_validate_json(response.content)  # type: ignore[attr-defined]
+def _model(cls: type[ModelT]) -> Callable[[httpx.Response], ModelT]:
+    return lambda response: cls.model_validate_json(response.content)
 
 
 def _body(**fields: Any) -> dict[str, Any]:
@@ -258,7 +259,7 @@ def _stream_items(call: Call[Any], decoder: SSEDecoder, text: str) -> list[Any]:
     `error` raises the error it carries; events the call does not know are skipped.
     """
     assert call.events is not None
-    items = []
+    items: list[Any] = []
     for event in decoder.feed(text):
         if event.event == "done":
             return [*items, _DONE]
@@ -353,10 +354,11 @@ def _signed(
 ) -> Any:
     """Give `method` the spec's name, doc and parameters (plus self) for help() and IDEs."""
     functools.update_wrapper(method, spec)
-    del method.__wrapped__  # type: ignore[attr-defined]
+    function: Any = method  # a plain function: the attributes below are its own to set
+    del function.__wrapped__
     signature = inspect.signature(spec)
     self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    method.__signature__ = signature.replace(  # type: ignore[attr-defined]
+    function.__signature__ = signature.replace(
         parameters=[self_param, *signature.parameters.values()],
         return_annotation=inspect.Signature.empty,
     )

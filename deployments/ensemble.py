@@ -84,7 +84,7 @@ class Ensemble:
     def _from_span(span: Answer, source: str, score: float) -> FinalAnswer:
         return FinalAnswer(
             text=span.answer,
-            source=source,  # type: ignore[arg-type]
+            source=source,
             score=min(1.0, score),
             document_id=span.document_id,
             start=span.start,

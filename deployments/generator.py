@@ -20,12 +20,12 @@ import struct
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 
 from qaserve.config import EngineConfig, GeneratorConfig
-from qaserve.deployments.prior import document_prior
+from qaserve.deployments.prior import document_prior, generate_response
 from qaserve.errors import BadRequest, ConfigError
 from qaserve.threads import bound_threads
 from qaserve_client.schema import GeneratedToken, GenerateResponse, ModelInfo, ReadDocument
@@ -225,7 +225,7 @@ class _CausalSession(_Session):
 
     def step(self, tokens: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         if rows is not None:
-            self.cache.reorder_cache(rows)
+            self.cache.reorder_cache(cast(torch.LongTensor, rows))  # int64 row indices
             self.mask = self.mask.index_select(0, rows)
         ones = torch.ones((self.mask.shape[0], 1), dtype=self.mask.dtype, device=self.mask.device)
         self.mask = torch.cat([self.mask, ones], dim=-1)
@@ -267,7 +267,7 @@ class _Seq2SeqSession(_Session):
 
     def step(self, tokens: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         if rows is not None:
-            self.cache.reorder_cache(rows)
+            self.cache.reorder_cache(cast(torch.LongTensor, rows))  # int64 row indices
             self.mask = self.mask.index_select(0, rows)
             hidden = self.encoded.last_hidden_state.index_select(0, rows)
             self.encoded = type(self.encoded)(last_hidden_state=hidden)
@@ -341,7 +341,7 @@ class RagTokenGenerator:
             self.model = auto.from_pretrained(src.name_or_dir, dtype=torch.float32, **load)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot load generator model {cfg.model!r}: {exc}", "model") from exc
-        self.model.to(self.device).eval()
+        self.model.to(self.device).eval()  # type: ignore[arg-type]  # its @wraps(Module.to) unbinds it
         self.eos_token_ids = self._eos_ids()
         self.pad_id = self._pad_id()
 
@@ -372,11 +372,7 @@ class RagTokenGenerator:
     ) -> GenerateResponse:
         """Greedy (num_beams=1) or beam search over the marginal; returns the best sequence."""
         tokens = list(self.stream(question, documents, max_new_tokens, num_beams))
-        return GenerateResponse(
-            text="".join(t.text for t in tokens),
-            tokens=tokens,
-            document_weights=document_prior(documents),
-        )
+        return generate_response(tokens, documents)
 
     def stream(
         self,
@@ -450,9 +446,10 @@ class RagTokenGenerator:
                 {"role": "system", "content": SYSTEM_PROMPT},
                 {"role": "user", "content": user},
             ]
-            return self.tokenizer.apply_chat_template(
+            prompt = self.tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=True
             )
+            return cast(str, prompt)  # tokenize=False: the text
         bos = self.tokenizer.bos_token or ""
         return f"{bos}{SYSTEM_PROMPT}\n\n{user}\nAnswer:"
 

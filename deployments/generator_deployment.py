@@ -16,9 +16,9 @@ from qaserve_client.schema import GeneratedToken, GenerateRequest, GenerateRespo
 @serve.deployment(name="Generator")
 class GeneratorDeployment:
     def __init__(
-        self, engine: dict[str, Any], batch: dict[str, Any], needs: dict[str, Any]
+        self, engine: dict[str, Any], replica: dict[str, Any], needs: dict[str, Any]
     ) -> None:
-        self.generator = build_replica_stage(engine, "generator")
+        self.generator = build_replica_stage(engine, "generator", replica)
 
     async def generate(self, request: GenerateRequest) -> GenerateResponse:
         return await asyncio.to_thread(

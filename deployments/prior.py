@@ -1,11 +1,14 @@
 """p(z|x), the RAG document prior, written once: the generator conditions on it and the
-pipeline reports it (`document_weights`) without a round trip to the generator."""
+pipeline reports it (`document_weights`) without a round trip to the generator; and the
+generation answer built from decoded tokens, the same for a plain and a streamed call."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 from typing import Any
+
+from qaserve_client.schema import GeneratedToken, GenerateResponse
 
 
 def document_prior(documents: Sequence[Any]) -> list[float]:
@@ -15,7 +18,17 @@ def document_prior(documents: Sequence[Any]) -> list[float]:
     scores = [getattr(d, "score", None) for d in documents]
     if any(s is None for s in scores):
         return [1.0 / len(documents)] * len(documents)
-    top = max(scores)
-    exps = [math.exp(s - top) for s in scores]
+    known = [s for s in scores if s is not None]  # all of them, for the type checker
+    top = max(known)
+    exps = [math.exp(s - top) for s in known]
     total = sum(exps)
     return [e / total for e in exps]
+
+
+def generate_response(tokens: list[GeneratedToken], documents: Sequence[Any]) -> GenerateResponse:
+    """The text of the decoded tokens, with the prior they were decoded under."""
+    return GenerateResponse(
+        text="".join(t.text for t in tokens),
+        tokens=tokens,
+        document_weights=document_prior(documents),
+    )

@@ -80,7 +80,7 @@ class Reader:
     def read(
         self,
         question: str,
-        documents: Sequence[ReadDocument],
+        documents: Sequence[ReadDocument | str],
         top_k: int = 3,
         max_answer_len: int | None = None,
         handle_impossible_answer: bool = False,

@@ -14,11 +14,11 @@ from qaserve_client.schema import ModelInfo, ReadRequest, ReadResponse
 @serve.deployment(name="Reader")
 class ReaderDeployment:
     def __init__(
-        self, engine: dict[str, Any], batch: dict[str, Any], needs: dict[str, Any]
+        self, engine: dict[str, Any], replica: dict[str, Any], needs: dict[str, Any]
     ) -> None:
-        self.reader = build_replica_stage(engine, "reader")
+        self.reader = build_replica_stage(engine, "reader", replica)
         self.batch_sizes = batch_histogram("reader")
-        self.batched = configure_batch(self._read_batch, batch)
+        self.batched = configure_batch(self._read_batch, replica)
 
     async def read(self, request: ReadRequest) -> ReadResponse:
         if self.batched:

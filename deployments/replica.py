@@ -11,10 +11,12 @@ from qaserve.stages import build_stages, stage, with_needs
 from qaserve.threads import bound_threads
 
 
-def replica_threads() -> int:
-    """Threads for this replica: its CPU grant rounded up to a whole core."""
+def replica_threads(requested: int | None = None) -> int:
+    """Threads for this replica: as configured (`threads:`), else its CPU grant rounded up."""
     import ray
 
+    if requested:
+        return bound_threads(requested)
     try:
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
     except Exception:
@@ -41,11 +43,12 @@ def replica_config(engine: dict[str, Any], name: str) -> EngineConfig:
     return cfg
 
 
-def build_replica_stage(engine: dict[str, Any], name: str) -> Any:
-    """This replica's stage object (and, inside it, what it needs)."""
+def build_replica_stage(engine: dict[str, Any], name: str, replica: dict[str, Any]) -> Any:
+    """This replica's stage object (and, inside it, what it needs); `replica` is what the
+    builder passes every wrapper: {"batch": its batching options, "threads": n or None}."""
     stage(name)
     cfg = replica_config(engine, name)
-    return build_stages(cfg, [name], replica_threads())[name]
+    return build_stages(cfg, [name], replica_threads(replica.get("threads")))[name]
 
 
 def batch_histogram(name: str) -> Any:
@@ -63,9 +66,10 @@ def batch_histogram(name: str) -> Any:
     return hist
 
 
-def configure_batch(method: Any, batch: dict[str, Any]) -> bool:
-    """Apply a `batching:` entry to a `@serve.batch` method; False when it batches nothing
+def configure_batch(method: Any, replica: dict[str, Any]) -> bool:
+    """Apply the `batching:` entry to a `@serve.batch` method; False when it batches nothing
     (max_batch_size 1), so the caller can skip the batch queue altogether."""
+    batch = replica.get("batch") or {}
     size = int(batch.get("max_batch_size", 1))
     method.set_max_batch_size(size)
     method.set_batch_wait_timeout_s(float(batch.get("batch_wait_timeout_s", 0.0)))

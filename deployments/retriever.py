@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -54,7 +54,8 @@ class Embedder:
 
     @property
     def dim(self) -> int:
-        return int(self.model.get_embedding_dimension())
+        # None only for a model without a fixed output size; an embedder has one.
+        return int(cast(int, self.model.get_embedding_dimension()))
 
     @property
     def tokenizer(self) -> Any:
@@ -63,7 +64,7 @@ class Embedder:
     @property
     def max_tokens(self) -> int:
         """Longest text the encoder sees whole, not counting [CLS]/[SEP]."""
-        return int(self.model.max_seq_length) - 2
+        return int(cast(int, self.model.max_seq_length)) - 2  # set in __init__
 
     def embed(self, texts: list[str]) -> np.ndarray:
         if not texts:

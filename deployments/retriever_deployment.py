@@ -30,9 +30,9 @@ INGEST_CHUNK = 64  # passages per Embedder call: an ingest spreads over the Embe
 @serve.deployment(name="Embedder")
 class EmbedderDeployment:
     def __init__(
-        self, engine: dict[str, Any], batch: dict[str, Any], needs: dict[str, Any]
+        self, engine: dict[str, Any], replica: dict[str, Any], needs: dict[str, Any]
     ) -> None:
-        self.embedder = build_replica_stage(engine, "embedder")
+        self.embedder = build_replica_stage(engine, "embedder", replica)
 
     async def embed(self, texts: list[str]) -> np.ndarray:
         return await asyncio.to_thread(self.embedder.embed, texts)
@@ -47,12 +47,12 @@ class EmbedderDeployment:
 @serve.deployment(name="Retriever")
 class RetrieverDeployment:
     def __init__(
-        self, engine: dict[str, Any], batch: dict[str, Any], needs: dict[str, DeploymentHandle]
+        self, engine: dict[str, Any], replica: dict[str, Any], needs: dict[str, DeploymentHandle]
     ) -> None:
-        self.retriever = build_replica_stage(engine, "retriever")
+        self.retriever = build_replica_stage(engine, "retriever", replica)
         self.embedders = needs["embedder"]
         self.batch_sizes = batch_histogram("retriever")
-        self.batched = configure_batch(self._embed_queries, batch)
+        self.batched = configure_batch(self._embed_queries, replica)
         self._write = asyncio.Lock()
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)

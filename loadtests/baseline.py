@@ -17,8 +17,8 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -186,7 +186,7 @@ class Baseline:
         ids = self.gen_tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
-        return dict(ids)
+        return dict(cast("Mapping[str, Any]", ids))  # return_dict=True: a BatchEncoding
 
     def generate(self, req: GenerateRequest) -> GenerateResponse:
         inputs = self._prompt(req)

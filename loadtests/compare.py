@@ -5,6 +5,11 @@ Each system is started fresh for its turn (same machine, same CPU budget: Ray's 
 add up to 2, the baseline runs torch on 2 threads), its store filled with the same reviews,
 loaded, and stopped; the order alternates between rounds so drift in the shared machine's
 background load hits every system alike.
+
+A system is `baseline`, `graph-fixed`, `graph-autoscale`, `NAME=GRAPH_YAML` (any graph
+config), or `NAME=GRAPH_YAML@SRC_DIR`: that graph served by the `qaserve` of another source
+tree (SRC_DIR first on PYTHONPATH for the server and its Ray workers), so an older commit's
+graph runs side by side with this one. The ratios are taken against `--baseline`.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +46,64 @@ CONFIGS = Path(__file__).resolve().parent / "configs"
 SYSTEMS = ("baseline", "graph-fixed", "graph-autoscale")
 
 
-def start_system(name: str, out: Path, reader_checkpoint: str | None) -> ServerProcess:
-    """`baseline`, `graph-fixed`, `graph-autoscale`, or `NAME=GRAPH_YAML` (any graph config)."""
-    if "=" in name:
-        return start_graph(str(Path(name.partition("=")[2]).resolve()), out)
+@dataclass(frozen=True)
+class System:
+    """One system of a comparison: a built-in name, or a graph config (`config`) served by
+    this install or by the source tree `src`."""
+
+    name: str
+    config: str | None = None
+    src: Path | None = None
+
+
+def parse_system(spec: str) -> System:
+    """`baseline` | `graph-fixed` | `graph-autoscale` | `NAME=GRAPH_YAML[@SRC_DIR]`.
+
+    GRAPH_YAML is a file (made absolute), else the name of a config packaged with the tree
+    that serves it (`local.yaml@SRC_DIR` is SRC_DIR's own local.yaml). SRC_DIR must hold a
+    `qaserve` package. ValueError on anything else."""
+    spec = spec.strip()
+    if "=" not in spec:
+        if spec not in SYSTEMS:
+            raise ValueError(
+                f"unknown system {spec!r}: one of {', '.join(SYSTEMS)}, "
+                "NAME=GRAPH_YAML or NAME=GRAPH_YAML@SRC_DIR"
+            )
+        return System(spec)
+    name, _, rest = spec.partition("=")
+    config, at, src_text = rest.rpartition("@") if "@" in rest else (rest, "", "")
+    name, config, src_text = name.strip(), config.strip(), src_text.strip()
+    if not name or not config or (at and not src_text):
+        raise ValueError(f"bad system {spec!r}: NAME=GRAPH_YAML or NAME=GRAPH_YAML@SRC_DIR")
+    if "/" in name or name in {".", ".."}:
+        raise ValueError(f"bad system name {name!r} (it names the run's folders)")
+    src = None
+    if src_text:
+        src = Path(src_text).expanduser().resolve()
+        if not (src / "qaserve").is_dir():
+            raise ValueError(f"{spec!r}: {src} holds no qaserve package")
+    if Path(config).expanduser().is_file():
+        config = str(Path(config).expanduser().resolve())
+    return System(name, config, src)
+
+
+def parse_systems(text: str) -> list[System]:
+    """The comma-separated --systems, each name once."""
+    systems = [parse_system(s) for s in text.split(",") if s.strip()]
+    names = [s.name for s in systems]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"systems named more than once: {dupes}")
+    if not systems:
+        raise ValueError("no systems")
+    return systems
+
+
+def start_system(system: System, out: Path, reader_checkpoint: str | None) -> ServerProcess:
+    """Start `system` (see parse_system) for one turn; its store and log under `out`."""
+    if system.config is not None:
+        return start_graph(system.config, out, src=system.src)
+    name = system.name
     if name == "baseline":
         if not reader_checkpoint:
             raise ValueError("the baseline needs --reader-checkpoint (a torch reader checkpoint)")
@@ -91,8 +151,10 @@ def throughput_within(rows: list[StepStats], p95_ms: float, max_errors: float = 
     return max(ok, default=0.0)
 
 
-def ratios(systems: dict[str, list[StepStats]], p95_budget_ms: float) -> str:
-    base = systems.get("baseline")
+def ratios(
+    systems: dict[str, list[StepStats]], p95_budget_ms: float, baseline: str = "baseline"
+) -> str:
+    base = systems.get(baseline)
     lines = [
         f"| system | req/s within p95 <= {p95_budget_ms:g} ms | peak req/s | "
         + " | ".join(f"p95 ms @{r.users}u" for r in next(iter(systems.values())))
@@ -103,14 +165,14 @@ def ratios(systems: dict[str, list[StepStats]], p95_budget_ms: float) -> str:
         thr = throughput_within(rows, p95_budget_ms)
         peak = max(r.rps for r in rows)
         cells = [f"{thr:.2f}", f"{peak:.2f}"]
-        if base is not None and name != "baseline":
+        if base is not None and name != baseline:
             bthr = throughput_within(base, p95_budget_ms)
             bpeak = max(r.rps for r in base)
-            cells[0] += f" ({thr / bthr:.2f}x)" if bthr else " (baseline: none within)"
+            cells[0] += f" ({thr / bthr:.2f}x)" if bthr else f" ({baseline}: none within)"
             cells[1] += f" ({peak / bpeak:.2f}x)" if bpeak else ""
         for i, r in enumerate(rows):
             cell = f"{r.p95_ms:.0f}"
-            if base is not None and name != "baseline" and r.p95_ms > 0:
+            if base is not None and name != baseline and r.p95_ms > 0:
                 cell += f" ({base[i].p95_ms / r.p95_ms:.2f}x)"
             cells.append(cell)
         top = rows[-1]
@@ -119,16 +181,49 @@ def ratios(systems: dict[str, list[StepStats]], p95_budget_ms: float) -> str:
     return "\n".join(lines)
 
 
-def render(merged: dict[str, list[StepStats]], title: str, budget_ms: float, out: Path) -> str:
+def per_step_ratios(systems: dict[str, list[StepStats]], baseline: str) -> str:
+    """Per step, each system's successful req/s and p95 divided by the baseline's."""
+    base = systems.get(baseline)
+    others = [n for n in systems if n != baseline]
+    if base is None or not others:
+        return ""
+    head = " | ".join(f"{n} req/s ÷ {baseline} | {n} p95 ÷ {baseline}" for n in others)
+    lines = [f"| users | {head} |", "|---" * (1 + 2 * len(others)) + "|"]
+
+    def div(a: float, b: float) -> str:
+        return f"{a / b:.2f}x" if b else "-"
+
+    for i, b in enumerate(base):
+        cells = [str(b.users)]
+        for n in others:
+            r = systems[n][i]
+            cells += [div(r.rps, b.rps), div(r.p95_ms, b.p95_ms)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render(
+    merged: dict[str, list[StepStats]],
+    title: str,
+    budget_ms: float,
+    out: Path,
+    baseline: str = "baseline",
+) -> str:
     """compare.md (tables and ratios) and throughput.png from the merged per-step figures."""
     text = [f"# {title}\n"]
     for name, rows in merged.items():
         text.append(f"## {name}\n\n{steps_table(rows)}\n")
     text.append(
-        "## Ratios (graph against baseline; p95 columns: baseline p95 / system p95)\n\n"
-        + ratios(merged, budget_ms)
+        f"## Ratios (against {baseline}; p95 columns: {baseline} p95 / system p95)\n\n"
+        + ratios(merged, budget_ms, baseline)
         + "\n"
     )
+    steps = per_step_ratios(merged, baseline)
+    if steps:
+        text.append(
+            f"## Per step against {baseline} (system / {baseline}: req/s above 1 and p95 "
+            f"below 1 are better)\n\n{steps}\n"
+        )
     report = "\n".join(text)
     (out / "compare.md").write_text(report)
     plot_throughput_vs_users(merged, out / "throughput.png", title)
@@ -140,15 +235,25 @@ def cmd_compare(args: Any) -> int:
         out = Path(args.report_only)
         data = json.loads((out / "compare.json").read_text())
         merged = {k: [StepStats(**r) for r in rows] for k, rows in data["systems"].items()}
-        print(render(merged, data["title"], args.p95_budget_ms, out))
+        baseline = args.baseline or data.get("baseline", "baseline")
+        print(render(merged, data["title"], args.p95_budget_ms, out, baseline))
         return 0
     profile = load_profile(args.profile, args.profiles)
-    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = {s for s in systems if s not in SYSTEMS and "=" not in s}
-    if unknown:
-        print(f"qaserve loadtest-compare: unknown systems {sorted(unknown)}", file=sys.stderr)
+    try:
+        systems = parse_systems(args.systems)
+    except ValueError as exc:
+        print(f"qaserve loadtest-compare: {exc}", file=sys.stderr)
         return 2
-    if "baseline" in systems and not args.reader_checkpoint:
+    baseline = args.baseline or "baseline"
+    if baseline not in {s.name for s in systems} and args.baseline is not None:
+        print(
+            f"qaserve loadtest-compare: --baseline {baseline} is not among the systems",
+            file=sys.stderr,
+        )
+        return 2
+    if any(s.name == "baseline" and s.config is None for s in systems) and not (
+        args.reader_checkpoint
+    ):
         print(
             "qaserve loadtest-compare: --reader-checkpoint is required for the baseline "
             "(the torch checkpoint `qaserve train-reader` wrote, or a hub id)",
@@ -157,15 +262,19 @@ def cmd_compare(args: Any) -> int:
         return 2
     out = Path(args.out or f"runs/compare/{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     workload, docs = prepare_workload(args.data, args.split, args.max_questions, out)
-    per_system: dict[str, list[list[StepStats]]] = {s: [] for s in systems}
+    for s in systems:
+        where = f", served from {s.src}" if s.src else ""
+        print(f"system {s.name}: {s.config or 'built-in'}{where}")
+    per_system: dict[str, list[list[StepStats]]] = {s.name: [] for s in systems}
     for rnd in range(args.rounds):
         order = systems if rnd % 2 == 0 else systems[::-1]
-        for name in order:
-            run_out = out / f"{name.partition('=')[0]}-round{rnd + 1}"
+        for system in order:
+            name = system.name
+            run_out = out / f"{name}-round{rnd + 1}"
             run_out.mkdir(parents=True, exist_ok=True)
             print(f"\n=== round {rnd + 1}/{args.rounds}: {name} ===", flush=True)
             t0 = time.perf_counter()
-            with start_system(name, run_out, args.reader_checkpoint) as server:
+            with start_system(system, run_out, args.reader_checkpoint) as server:
                 print(f"{name} ready in {time.perf_counter() - t0:.1f} s", flush=True)
                 ingest(server.url, docs, None)
                 with where_cpu_went(run_out, profile.seconds, []) as cpu:
@@ -175,17 +284,21 @@ def cmd_compare(args: Any) -> int:
             steps = step_stats(result.samples, profile)
             save_steps(steps, run_out / "steps.json")
             per_system[name].append(steps)
-    merged = {
-        name.partition("=")[0]: merge_rounds(runs) for name, runs in per_system.items() if runs
-    }
+    merged = {name: merge_rounds(runs) for name, runs in per_system.items() if runs}
     title = f"qaserve loadtest-compare --profile {args.profile}, median of {args.rounds} rounds"
+    specs = {s.name: {"config": s.config, "src": str(s.src) if s.src else None} for s in systems}
     (out / "compare.json").write_text(
         json.dumps(
-            {"title": title, "systems": {k: [vars(r) for r in v] for k, v in merged.items()}},
+            {
+                "title": title,
+                "baseline": baseline,
+                "specs": specs,
+                "systems": {k: [vars(r) for r in v] for k, v in merged.items()},
+            },
             indent=1,
         )
     )
-    print("\n" + render(merged, title, args.p95_budget_ms, out))
+    print("\n" + render(merged, title, args.p95_budget_ms, out, baseline))
     print(f"written: {out / 'compare.md'}, {out / 'throughput.png'}")
     return 0
 
@@ -199,7 +312,14 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--systems",
         default=",".join(SYSTEMS),
-        help=f"comma-separated: any of {','.join(SYSTEMS)}, or NAME=GRAPH_YAML",
+        help=f"comma-separated: any of {','.join(SYSTEMS)}, NAME=GRAPH_YAML, or "
+        "NAME=GRAPH_YAML@SRC_DIR (served by the qaserve package under SRC_DIR, e.g. an older "
+        "commit's tree; GRAPH_YAML a file, else a config packaged with that tree)",
+    )
+    p.add_argument(
+        "--baseline",
+        default=None,
+        help="the system the ratios are taken against (default: baseline)",
     )
     p.add_argument("--profile", default="steps")
     p.add_argument("--profiles", default=None)

@@ -161,12 +161,12 @@ def check(
         under(route, "rps", lim.min_rps, s.rps)
 
     tot = overall(stats)
-    lim = constraints.overall
-    if tot.requests < max(lim.min_requests, 1):
-        out.append(Violation("overall", "requests", lim.min_requests, tot.requests or None))
+    olim = constraints.overall
+    if tot.requests < max(olim.min_requests, 1):
+        out.append(Violation("overall", "requests", olim.min_requests, tot.requests or None))
     else:
-        over("overall", "error_ratio", lim.max_error_ratio, tot.error_ratio)
-        under("overall", "rps", lim.min_rps, tot.rps)
+        over("overall", "error_ratio", olim.max_error_ratio, tot.error_ratio)
+        under("overall", "rps", olim.min_rps, tot.rps)
 
     if constraints.stream is not None:
         speeds = tokens_per_s(samples or [])
@@ -211,12 +211,12 @@ def summary_table(
             f"{s.p95_ms:.0f} | {s.p99_ms:.0f} | {limits} | {ok} |"
         )
     tot = overall(stats)
-    lim = constraints.overall
+    olim = constraints.overall
     parts = []
-    if lim.max_error_ratio is not None:
-        parts.append(f"errors <= {lim.max_error_ratio:g}")
-    if lim.min_rps is not None:
-        parts.append(f"req/s >= {lim.min_rps:g}")
+    if olim.max_error_ratio is not None:
+        parts.append(f"errors <= {olim.max_error_ratio:g}")
+    if olim.min_rps is not None:
+        parts.append(f"req/s >= {olim.min_rps:g}")
     limits = ", ".join(parts)
     ok = ("FAIL" if "overall" in broken else "ok") if limits else ""
     lines.append(

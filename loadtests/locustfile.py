@@ -17,8 +17,9 @@ import random
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import requests
 from locust import HttpUser, LoadTestShape, between, constant_pacing, events, task
@@ -147,7 +148,7 @@ class QAUser(HttpUser):
         error: BaseException | None = None
         try:
             with self._stream.post(
-                self.host.rstrip("/") + "/v1/generate",
+                cast(str, self.host).rstrip("/") + "/v1/generate",  # Locust sets it
                 json=body,
                 headers=HEADERS,
                 stream=True,
@@ -156,7 +157,9 @@ class QAUser(HttpUser):
                 if resp.status_code != 200:
                     raise RuntimeError(f"{resp.status_code}: {resp.text[:200]}")
                 event = None
-                for line in resp.iter_lines(decode_unicode=True):
+                # decode_unicode: str lines (the stub says bytes whatever the flag)
+                lines = cast(Iterator[str], resp.iter_lines(decode_unicode=True))
+                for line in lines:
                     if line.startswith("event:"):
                         event = line[6:].strip()
                     elif line.startswith("data:") and event == "token":

@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -78,12 +78,12 @@ class CpuAccount:
 
     def stop(self) -> dict[str, float]:
         self.wall = time.monotonic() - self.t0
-        used: Counter[str] = Counter()
+        used: defaultdict[str, float] = defaultdict(float)
         for p in psutil.process_iter():
             used[label(p)] += max(0.0, _cpu(p) - self.before.get(p.pid, 0.0))
         # Locust has exited by now: its CPU is in this process's reaped-children usage.
         used["locust (load generator)"] += _children_cpu() - self.children0
-        self.used = dict(used.most_common())
+        self.used = dict(sorted(used.items(), key=lambda kv: kv[1], reverse=True))
         return self.used
 
     def table(self) -> str:

@@ -60,18 +60,26 @@ class ServerProcess:
     """A server started for the run on a free loopback port, stopped with SIGTERM (then
     SIGKILL of its process group) however the run ends."""
 
-    def __init__(self, cmd: list[str], port: int, log: Path):
+    def __init__(self, cmd: list[str], port: int, log: Path, env: dict[str, str] | None = None):
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log
         self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, env=env
         )
 
     @classmethod
-    def start(cls, cmd: list[str], port: int, log: Path, timeout_s: float = 600) -> ServerProcess:
-        """Started and ready (GET /readyz is 200), or stopped again and the error raised."""
-        server = cls(cmd, port, log)
+    def start(
+        cls,
+        cmd: list[str],
+        port: int,
+        log: Path,
+        timeout_s: float = 600,
+        env: dict[str, str] | None = None,
+    ) -> ServerProcess:
+        """Started (with `env`, default this process's) and ready (GET /readyz is 200), or
+        stopped again and the error raised."""
+        server = cls(cmd, port, log, env)
         try:
             server.wait_ready(timeout_s)
         except BaseException:
@@ -113,12 +121,28 @@ class ServerProcess:
         self.stop()
 
 
-def start_graph(config: str, out: Path, startup_timeout_s: float = 600) -> ServerProcess:
-    """`qaserve serve` with its own store under `out` (no sample corpus)."""
+def src_env(src: str | Path | None, base: dict[str, str] | None = None) -> dict[str, str] | None:
+    """The environment for a server run from the source tree `src` (a folder holding the
+    `qaserve` package, e.g. another commit's tree laid out as installed): `src` first on
+    PYTHONPATH, ahead of the venv's own (editable) install, which Python's path finder
+    consults only after PYTHONPATH. Ray's workers inherit it. None (inherit) without `src`."""
+    if src is None:
+        return None
+    env = dict(os.environ if base is None else base)
+    rest = env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(Path(src).resolve()) + (os.pathsep + rest if rest else "")
+    return env
+
+
+def start_graph(
+    config: str, out: Path, startup_timeout_s: float = 600, src: str | Path | None = None
+) -> ServerProcess:
+    """`qaserve serve` with its own store under `out` (no sample corpus); with `src`, the
+    `qaserve` of that source tree serves (see `src_env`)."""
     port = free_port()
     cmd = [sys.executable, "-m", "qaserve.cli", "serve", "--config", config]
     cmd += ["--port", str(port), "--data-dir", str(out / "data"), "--no-sample"]
-    return ServerProcess.start(cmd, port, out / "server.log", startup_timeout_s)
+    return ServerProcess.start(cmd, port, out / "server.log", startup_timeout_s, src_env(src))
 
 
 def ingest(url: str, docs: list[DocumentIn], api_key: str | None, batch: int = 16) -> float:

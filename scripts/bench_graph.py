@@ -3,11 +3,14 @@
     flock /tmp/qaserve-measure.lock .venv/bin/python scripts/bench_graph.py \
         --questions 40 --concurrency 8 [--mode extractive] [--compare-batching]
 
-1. in-process: Engine.query for each question, one at a time: median, p95, questions/s;
-2. the graph over HTTP (SDK), one client: median and p95 -> latency ratio graph / engine;
-3. the graph under `--concurrency` parallel clients: questions/s -> throughput ratio
-   graph / engine (the engine answering one at a time on the same cores);
-4. with --compare-batching, the graph redeployed with batching off (max_batch_size 1).
+Both systems run side by side in this process (the graph on local Ray, the engine
+in-process) and are measured in alternating `--rounds`, so a change in the shared machine's
+load hits both alike:
+1. each question asked of the engine, then of the graph over HTTP (SDK), one client each:
+   median and p95 -> latency ratio graph / engine;
+2. the engine answering the questions one at a time (questions/s), then the graph under
+   `--concurrency` parallel clients -> throughput ratio graph / engine, median of rounds;
+3. with --compare-batching, the graph redeployed with batching off (max_batch_size 1).
 Prints a table with the ratios and writes JSON (runs/bench/graph.json).
 """
 
@@ -23,6 +26,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -33,6 +37,12 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
+def medians(timings: list[dict[str, float]]) -> dict[str, float]:
+    """Per stage, the median of the timings_ms the answers report."""
+    keys = sorted({k for t in timings for k in t})
+    return {k: round(statistics.median(t[k] for t in timings if k in t), 1) for k in keys}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--questions", type=int, default=40)
@@ -40,6 +50,7 @@ def main() -> int:
     ap.add_argument("--mode", default="extractive")
     ap.add_argument("--output", type=Path, default=Path("runs/bench/graph.json"))
     ap.add_argument("--config", default="local.yaml", help="graph YAML (default local.yaml)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (median)")
     ap.add_argument("--compare-batching", action="store_true")
     args = ap.parse_args()
 
@@ -68,70 +79,91 @@ def main() -> int:
     data = Path(tempfile.mkdtemp(prefix="qaserve-bench-"))
     result: dict = {"questions": len(questions), "mode": args.mode, "concurrency": args.concurrency}
 
-    # 1. In-process engine (one process, all cores).
-    engine = Engine(EngineConfig.load(None, data_dir=data / "engine"))
-    engine.ingest(docs)
     req = [QueryRequest(question=q, filters={"item_id": it}, mode=args.mode) for q, it in questions]
-    engine.query(req[0])  # warm-up
-    lat = []
-    t0 = time.perf_counter()
-    for r in req:
-        t = time.perf_counter()
-        engine.query(r)
-        lat.append((time.perf_counter() - t) * 1000)
-    result["engine_qps"] = len(req) / (time.perf_counter() - t0)
-    result["engine_ms"] = {"median": statistics.median(lat), "p95": pct(lat, 0.95)}
-    engine.close()
-    del engine
-
-    # 2./3. The graph.
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     cfg = GraphConfig.load(resolve_config(args.config), data_dir=data / "graph")
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    engine = None
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(
+            http_options={"host": "127.0.0.1", "port": port},
+            logging_config=cfg.logging.model_dump(),
+        )
         t = time.perf_counter()
         serve.run(build_graph(cfg), name=APP_NAME, route_prefix="/")
         result["graph_deploy_s"] = time.perf_counter() - t
+        # Both systems up side by side (the graph idles while the engine answers), measured
+        # in alternating rounds so that drift in the shared machine's load hits both alike.
+        engine = Engine(EngineConfig.load(None, data_dir=data / "engine"))
+        engine.ingest(docs)
         with Client(url, timeout=300) as client:
             client.ingest([d.model_dump() for d in docs])
+            samples: dict[str, list[float]] = {"engine": [], "graph": []}
+            stages: dict[str, list[dict[str, float]]] = {"engine": [], "graph": []}
 
-            def ask(q: tuple[str, str]) -> float:
+            def ask_engine(r: QueryRequest, keep: bool = False) -> float:
                 t = time.perf_counter()
-                client.query(q[0], filters={"item_id": q[1]}, mode=args.mode)
+                timings = engine.query(r).timings_ms
+                if keep:
+                    stages["engine"].append(timings)
                 return (time.perf_counter() - t) * 1000
 
-            ask(questions[0])
-            lat = [ask(q) for q in questions]
-            result["graph_ms"] = {"median": statistics.median(lat), "p95": pct(lat, 0.95)}
-
-            def throughput() -> float:
+            def ask_graph(r: QueryRequest, keep: bool = False) -> float:
                 t = time.perf_counter()
-                with ThreadPoolExecutor(args.concurrency) as pool:
-                    list(pool.map(ask, questions))
-                return len(questions) / (time.perf_counter() - t)
+                resp = client.query(r.question, filters=r.filters, mode=r.mode)
+                if keep:
+                    stages["graph"].append(resp.timings_ms)
+                return (time.perf_counter() - t) * 1000
 
-            throughput()  # warm-up: autoscaled stages reach their load-time replica counts
-            result["graph_qps"] = throughput()
-            result["batching"] = {k: v.model_dump() for k, v in cfg.batching.items()}
+            def throughput(ask: Any, clients: int) -> float:
+                t = time.perf_counter()
+                with ThreadPoolExecutor(clients) as pool:
+                    list(pool.map(ask, req))
+                return len(req) / (time.perf_counter() - t)
+
+            ask_engine(req[0]), ask_graph(req[0])  # warm-up
+            throughput(ask_graph, args.concurrency)  # autoscaled stages reach load-time counts
+            rounds: list[dict[str, float]] = []
+            for i in range(args.rounds):
+                for r in req:  # one question each, in turn: 1 client each
+                    samples["engine"].append(ask_engine(r, keep=True))
+                    samples["graph"].append(ask_graph(r, keep=True))
+                engine_qps = throughput(ask_engine, 1)
+                graph_qps = throughput(ask_graph, args.concurrency)
+                rounds.append({"engine_qps": engine_qps, "graph_qps": graph_qps})
+                print(
+                    f"round {i + 1}/{args.rounds}: engine {engine_qps:.2f} q/s sequential, "
+                    f"graph {graph_qps:.2f} q/s at {args.concurrency} clients",
+                    file=sys.stderr,
+                )
             if args.compare_batching:
                 off = cfg.model_copy(
                     update={"batching": {k: BatchOptions(max_batch_size=1) for k in cfg.batching}}
                 )
                 serve.run(build_graph(off), name=APP_NAME, route_prefix="/")
-                ask(questions[0])
-                result["graph_qps_unbatched"] = throughput()
+                ask_graph(req[0])
+                result["graph_qps_unbatched"] = throughput(ask_graph, args.concurrency)
     finally:
+        if engine is not None:
+            engine.close()
         serve.shutdown()
         ray.shutdown()
 
+    for name, lat in samples.items():
+        result[f"{name}_ms"] = {"median": statistics.median(lat), "p95": pct(lat, 0.95)}
+        result[f"{name}_stage_ms"] = medians(stages[name])
+    result["rounds"] = rounds
+    result["engine_qps"] = statistics.median(r["engine_qps"] for r in rounds)
+    result["graph_qps"] = statistics.median(r["graph_qps"] for r in rounds)
+    result["batching"] = {k: v.model_dump() for k, v in cfg.batching.items()}
     e, g = result["engine_ms"], result["graph_ms"]
     result["overhead_ms_median"] = g["median"] - e["median"]
     result["latency_ratio"] = g["median"] / e["median"]
-    result["throughput_ratio"] = result["graph_qps"] / result["engine_qps"]
+    result["throughput_ratio"] = statistics.median(r["graph_qps"] / r["engine_qps"] for r in rounds)
+    print(f"{args.rounds} rounds of {len(req)} questions ({args.mode}), graph config {args.config}")
     print(f"{'':34}{'median ms':>10}{'p95 ms':>9}{'q/s':>8}")
     print(f"{'in-process engine, sequential':34}{e['median']:>10.1f}{e['p95']:>9.1f}", end="")
     print(f"{result['engine_qps']:>8.2f}")
@@ -142,9 +174,11 @@ def main() -> int:
         f"(+{result['overhead_ms_median']:.1f} ms)"
     )
     print(
-        f"throughput ratio graph ({args.concurrency} clients) / engine (sequential): "
-        f"{result['throughput_ratio']:.2f}"
+        f"throughput ratio graph ({args.concurrency} clients) / engine (sequential), "
+        f"median of rounds: {result['throughput_ratio']:.2f}"
     )
+    print("stage medians at 1 client (ms), engine:", result["engine_stage_ms"])
+    print("stage medians at 1 client (ms), graph: ", result["graph_stage_ms"])
     if "graph_qps_unbatched" in result:
         print(f"batching off: {result['graph_qps_unbatched']:.2f} q/s")
     args.output.parent.mkdir(parents=True, exist_ok=True)

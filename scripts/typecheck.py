@@ -3,24 +3,42 @@
 The source folders are mapped onto import names by `[tool.setuptools] package-dir`
 (serve/ -> qaserve, deployments/ -> qaserve.deployments, clients/ -> qaserve_client, ...).
 The editable install resolves that with an import hook that mypy cannot follow, so this
-builds a tree of symlinks with the import layout under build/typecheck (the `mypy_path`
-in `[tool.mypy]`), runs mypy with the rest of `[tool.mypy]`, and prints the errors with the
-source paths (serve/cli.py, not build/typecheck/qaserve/cli.py).
+builds a tree of symlinks with the import layout under build/typecheck (the `mypy_path`,
+and the `files`, of `[tool.mypy]`), runs mypy as `[tool.mypy]` says, and prints the errors with
+the source paths (serve/cli.py, not build/typecheck/qaserve/cli.py).
 
-    .venv/bin/python scripts/typecheck.py [extra mypy args]
+Then tests/ gets a second, laxer pass (TESTS_FLAGS): its modules are top-level names
+(test_api, conftest), which a `[[tool.mypy.overrides]]` pattern cannot select, and its untyped
+test functions and fixtures are not worth annotating. Annotated test functions are checked.
+
+    .venv/bin/python scripts/typecheck.py                 # both passes, as `make check` runs
+    .venv/bin/python scripts/typecheck.py [mypy args]     # one pass with these arguments
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
-import tomllib
 from pathlib import Path
 
 from mypy import api
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # mypy itself depends on tomli before 3.11
+    import tomli as tomllib
+
 ROOT = Path(__file__).resolve().parents[1]
 TREE = ROOT / "build" / "typecheck"
+TESTS = ["tests"]
+TESTS_FLAGS = [
+    "--allow-untyped-defs",
+    "--allow-incomplete-defs",
+    "--no-check-untyped-defs",
+    "--follow-imports=silent",  # the packages' own errors are the first pass's to report
+    "--cache-dir=build/mypy_cache_tests",  # other options: a cache of its own stays warm
+]
 
 
 def package_dirs() -> dict[str, str]:
@@ -32,29 +50,46 @@ def package_dirs() -> dict[str, str]:
 
 
 def build_tree(mapping: dict[str, str]) -> dict[str, str]:
-    """Symlink every mapped package into TREE; returns tree path prefix -> source prefix."""
-    if TREE.exists():
-        shutil.rmtree(TREE)
+    """Symlink every mapped package into TREE; returns tree path prefix -> source prefix.
+
+    The tree is brought up to date in place, not rebuilt, so that a second `make check`
+    running at the same time never finds it half gone.
+    """
+    dirs: set[Path] = set()
+    links: dict[Path, Path] = {}
     prefixes: dict[str, str] = {}
-    # Parents first, so that qaserve.deployments lands inside the already built qaserve/.
+    # Parents first: qaserve.deployments replaces whatever qaserve/deployments would be.
     for name in sorted(mapping, key=lambda n: n.count(".")):
         source = ROOT / mapping[name]
         target = TREE.joinpath(*name.split("."))
-        if target.is_symlink():  # a folder of the parent package with the same name
-            target.unlink()
-        target.mkdir(parents=True, exist_ok=True)
-        for entry in sorted(source.iterdir()):
-            if entry.name == "__pycache__" or (target / entry.name).exists():
-                continue
-            (target / entry.name).symlink_to(entry)
+        links.pop(target, None)
+        dirs.update([target, *target.parents])
+        for entry in source.iterdir():
+            if entry.name != "__pycache__" and target / entry.name not in dirs:
+                links[target / entry.name] = entry
         prefixes[f"{target.relative_to(ROOT).as_posix()}/"] = f"{mapping[name]}/"
+    if TREE.exists():
+        for folder, subdirs, files in os.walk(TREE, topdown=False):  # links are not followed
+            for path in (Path(folder, n) for n in [*subdirs, *files]):
+                if path.is_symlink():
+                    if links.get(path) != path.readlink():
+                        path.unlink()
+                elif path.is_dir():
+                    if path not in dirs:
+                        shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+    for folder in sorted(dirs):
+        if TREE in (folder, *folder.parents):
+            folder.mkdir(exist_ok=True)
+    for path, entry in links.items():
+        if not path.is_symlink():
+            path.symlink_to(entry)
     return prefixes
 
 
-def main(argv: list[str]) -> int:
-    prefixes = build_tree(package_dirs())
-    top_level = sorted({name.split(".")[0] for name in package_dirs()})
-    args = [arg for name in top_level for arg in ("-p", name)] + argv
+def run(args: list[str], prefixes: dict[str, str]) -> int:
+    """One mypy run; its report printed with source paths. Returns mypy's exit status."""
     stdout, stderr, status = api.run(args)
     # Longest prefix first: build/typecheck/qaserve/deployments/ before build/typecheck/qaserve/.
     ordered = sorted(prefixes.items(), key=lambda kv: len(kv[0]), reverse=True)
@@ -63,10 +98,19 @@ def main(argv: list[str]) -> int:
             if line.startswith(tree_prefix):
                 line = source_prefix + line[len(tree_prefix) :]
                 break
-        print(line)
+        print(line, flush=True)
     if stderr:
-        print(stderr, end="", file=sys.stderr)
+        print(stderr, end="", file=sys.stderr, flush=True)
     return status
+
+
+def main(argv: list[str]) -> int:
+    prefixes = build_tree(package_dirs())
+    if argv:
+        return run(argv, prefixes)
+    packages = run([], prefixes)
+    tests = run(TESTS_FLAGS + TESTS, prefixes)
+    return max(packages, tests)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,16 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qaserve.errors import BadRequest, QAServeError
 
-SAMPLE_QUESTIONS = [
+if TYPE_CHECKING:
+    from qaserve.runtime.local import Engine
+    from qaserve_client.client import Client
+    from qaserve_client.schema import QueryResponse
+
+SAMPLE_QUESTIONS: list[tuple[str, dict[str, Any]]] = [
     ("How is the sound quality?", {}),
     ("How long does the battery last?", {}),
     ("Is it comfortable to wear?", {}),
@@ -57,7 +62,7 @@ def parse_filters(items: list[str] | None) -> dict[str, Any] | None:
     return filters
 
 
-def _engine(args: argparse.Namespace):
+def _engine(args: argparse.Namespace) -> Engine:
     from qaserve.config import EngineConfig
     from qaserve.runtime.local import Engine
 
@@ -69,7 +74,7 @@ def _engine(args: argparse.Namespace):
     return Engine(EngineConfig.load(args.config, **overrides))
 
 
-def _client(args: argparse.Namespace):
+def _client(args: argparse.Namespace) -> Client | None:
     """The SDK client when --url (or $QASERVE_URL) names a running server, else None."""
     url = getattr(args, "url", None)
     if not url:
@@ -118,7 +123,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
-def _show_answer(resp) -> None:
+def _show_answer(resp: QueryResponse) -> None:
     a = resp.answer
     shown = a.text if a.text else "(no answer found in the documents)"
     print(f"\nAnswer: {shown}\n  source={a.source} score={a.score:.3f}", end="")

@@ -93,9 +93,9 @@ def load_documents(
         if not files:
             raise BadRequest(f"{path}: no .jsonl, .csv or .txt files inside")
         docs: list[DocumentIn] = []
-        for f in files:
+        for file in files:
             docs += load_documents(
-                f, fmt=fmt, text_field=text_field, id_field=id_field, meta_fields=meta_fields
+                file, fmt=fmt, text_field=text_field, id_field=id_field, meta_fields=meta_fields
             )
         return docs
     try:

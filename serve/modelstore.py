@@ -154,7 +154,9 @@ def _write_local(dest: Path, files: list[tuple[str, Path]], manifest: dict[str, 
 
 def is_reference(model: str | None) -> bool:
     """Whether a model field names a store entry (and not a hub id or a local path)."""
-    return bool(model) and (model.startswith(PREFIX) or "://" in model)  # type: ignore[union-attr]
+    if not model:
+        return False
+    return model.startswith(PREFIX) or "://" in model
 
 
 def entry_uri(ref: str, store: str | None) -> str:

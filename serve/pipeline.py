@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from qaserve.config import EnsembleConfig
 from qaserve.deployments.ensemble import Ensemble
-from qaserve.deployments.prior import document_prior
+from qaserve.deployments.prior import generate_response
 from qaserve.stages import STAGES
 from qaserve_client.schema import (
     DocumentOut,
@@ -184,7 +184,7 @@ class Pipeline:
                 yield "token", token
         finally:
             await _aclose(stream)
-        yield "generated", self._generated(tokens, request.documents)
+        yield "generated", generate_response(tokens, request.documents)
 
     # --- the query ------------------------------------------------------------------------
 
@@ -198,7 +198,7 @@ class Pipeline:
         generated: GenerateResponse | None = None
         if documents:
             docs = as_read_documents(documents)
-            jobs = []
+            jobs: list[Coroutine[Any, Any, ReadResponse | GenerateResponse]] = []
             if reads(request):
                 jobs.append(_timed(timings, "reader", self.calls.read(read_request(request, docs))))
             if generates(request):
@@ -257,7 +257,7 @@ class Pipeline:
                     item = await _next(stream)
                 busy = time.perf_counter() - gen_start - (paused - gen_paused)
                 timings["generator"] = _ms(busy)
-                generated = self._generated(tokens, docs)
+                generated = generate_response(tokens, docs)
             yield (
                 "answer",
                 self._respond(request, documents, read, generated, timings, start + paused),
@@ -290,14 +290,6 @@ class Pipeline:
         return {s.name: state for s, state in zip(STAGES, states, strict=True)}
 
     # --- helpers --------------------------------------------------------------------------
-
-    @staticmethod
-    def _generated(tokens: list[GeneratedToken], docs: list[ReadDocument]) -> GenerateResponse:
-        return GenerateResponse(
-            text="".join(t.text for t in tokens),
-            tokens=tokens,
-            document_weights=document_prior(docs),
-        )
 
     def _respond(
         self,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from concurrent.futures import Executor
 from typing import Any, TypeVar
 
@@ -55,7 +55,7 @@ _DONE = object()
 
 async def iterate_blocking(
     make: Callable[[], Iterator[T]], executor: Executor | None = None
-) -> AsyncIterator[T]:
+) -> AsyncGenerator[T, None]:
     """A blocking iterator (a token stream) as an async one, one `next` per executor task.
 
     When the consumer stops early (a client went away, a timeout), the iterator is closed

@@ -11,7 +11,7 @@ import asyncio
 import json
 import threading
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -34,7 +34,7 @@ from qaserve_client.sse import SSEDecoder
 pytestmark = pytest.mark.slow  # the retriever is the real packaged MiniLM
 
 QUESTION = "How long does the battery last?"
-REVIEWS = [
+REVIEWS: list[dict[str, Any]] = [
     {
         "id": "battery",
         "text": "The battery lasts about ten hours on a single charge.",
@@ -124,7 +124,8 @@ def test_readiness_is_503_while_a_stage_is_down(api_server: Any, serve_app: Any)
         async def ready(self) -> dict[str, bool]:
             return {**await self.inner.ready(), "generator": False}
 
-    url = serve_app(build_app(HalfReady(api_server.backend), ServerConfig(api_keys=[])))
+    backend = cast(Any, HalfReady(api_server.backend))  # a duck-typed Pipeline
+    url = serve_app(build_app(backend, ServerConfig(api_keys=[])))
     response = httpx.get(f"{url}/readyz")
     assert response.status_code == 503
     assert response.json()["stages"]["generator"] is False
@@ -403,7 +404,7 @@ def test_reads_can_require_a_key(api_server: Any, serve_app: Any) -> None:
 def faulty(api_server: Any, serve_app: Any) -> tuple[FaultyBackend, str]:
     backend = FaultyBackend(api_server.backend)
     cfg = ServerConfig(api_keys=[], timeouts_s={"retrieve": 0.5}, retry_after_s=3)
-    return backend, serve_app(build_app(backend, cfg))
+    return backend, serve_app(build_app(cast(Any, backend), cfg))  # a duck-typed Pipeline
 
 
 def test_overloaded_is_503_with_retry_after(faulty: tuple[FaultyBackend, str]) -> None:
@@ -454,7 +455,8 @@ def test_error_mid_stream_is_an_error_event(faulty: tuple[FaultyBackend, str]) -
 
 def test_too_many_requests_in_flight_is_503(api_server: Any, serve_app: Any) -> None:
     backend = FaultyBackend(api_server.backend)
-    url = serve_app(build_app(backend, ServerConfig(api_keys=[], max_ongoing_requests=1)))
+    cfg = ServerConfig(api_keys=[], max_ongoing_requests=1)
+    url = serve_app(build_app(cast(Any, backend), cfg))  # a duck-typed Pipeline
     release = threading.Event()
     backend.inject("retrieve", release)
     first: dict[str, httpx.Response] = {}
@@ -493,7 +495,8 @@ def test_a_disconnected_client_stops_the_stream(api_server: Any, serve_app: Any)
             finally:
                 closed.set()
 
-    url = serve_app(build_app(Endless(api_server.backend), ServerConfig(api_keys=[])))
+    backend = cast(Any, Endless(api_server.backend))  # a duck-typed Pipeline
+    url = serve_app(build_app(backend, ServerConfig(api_keys=[])))
     body = {"question": QUESTION, "stream": True}
     with httpx.stream("POST", f"{url}/v1/query", json=body) as response:
         assert response.status_code == 200

@@ -71,6 +71,7 @@ def deployed(
     graph.write_text(yaml.safe_dump({"engine": engine, "stages": pinned_stages(DRILL_PLACEMENT)}))
     lc = LocalCluster({"qaserve_cpu": 100}, num_cpus=2)
     try:
+        assert lc.cluster.head_node is not None
         nodes = {"head": str(lc.cluster.head_node.node_id)}
         nodes["store"] = lc.add("store", {"qaserve_store": 100})
         nodes["reader-a"] = lc.add("reader-a", {"qaserve_reader": 100})

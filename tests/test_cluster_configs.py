@@ -86,7 +86,7 @@ def test_serve_cluster_yaml_is_generated_and_passes_rays_schema() -> None:
     app = schema.applications[0]
     assert [d.name for d in app.deployments] == list(STAGES)
     by_name = {d.name: d for d in app.deployments}
-    assert by_name["Generator"].ray_actor_options.num_gpus >= 1
+    assert (by_name["Generator"].ray_actor_options.num_gpus or 0) >= 1
 
 
 def _ray_up() -> dict[str, Any]:
@@ -200,6 +200,7 @@ def test_qdrant_cluster_settings_reach_create_collection(
         write_consistency_factor=2,
         on_disk=True,
     )
+    assert cfg.url is not None
     store = QdrantClientStore(cfg.url, "docs", 4, cfg)
     try:
         store._create()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import cast
 
 import pytest
 import torch
@@ -85,7 +86,8 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
             decoder_ffn_dim=64, max_position_embeddings=512, init_std=1.0, pad_token_id=pad,
             eos_token_id=eos, bos_token_id=pad, decoder_start_token_id=eos,
-            forced_eos_token_id=None, forced_bos_token_id=None,
+            forced_eos_token_id=None,
+            forced_bos_token_id=None,  # type: ignore[call-arg]  # via **kwargs to PretrainedConfig
         )
     )  # fmt: skip
     dirs = {}
@@ -221,7 +223,7 @@ def test_stream_yields_generate_tokens(gen: RagTokenGenerator) -> None:
     streamed = list(gen.stream(QUESTION, DOCS, max_new_tokens=STEPS))
     assert streamed == response.tokens
     assert "".join(t.text for t in streamed) == response.text
-    decoded = gen.tokenizer.decode([t.id for t in streamed], skip_special_tokens=True)
+    decoded = cast(str, gen.tokenizer.decode([t.id for t in streamed], skip_special_tokens=True))
     assert response.text == decoded.rstrip("\ufffd")
 
 
@@ -252,7 +254,7 @@ def test_document_weights_sum_to_one(gen: RagTokenGenerator) -> None:
 
 
 def test_prompt_format_and_truncation(gen: RagTokenGenerator, tiny_dirs: dict[str, Path]) -> None:
-    text = gen.tokenizer.decode(gen.encode(QUESTION, DOCS[:1])[0])
+    text = cast(str, gen.tokenizer.decode(gen.encode(QUESTION, DOCS[:1])[0]))  # one sequence
     assert DOCS[0].text in text and QUESTION in text
     if gen.kind == "causal":
         assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")

@@ -53,7 +53,7 @@ def graph(tiny_engine_config: Any, tmp_path_factory: pytest.TempPathFactory) -> 
         ray.shutdown()
 
 
-DOCS = [
+DOCS: list[dict[str, Any]] = [
     {
         "id": "r1",
         "text": "The sound quality is excellent and the bass is deep.",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import yaml
@@ -36,7 +36,7 @@ def _stats_csv(tmp_path: Path, rows: list[tuple[str, str, int, int, float, float
     return read_locust_stats(path)
 
 
-ROWS = [
+ROWS: list[tuple[str, str, int, int, float, float, float, float]] = [
     ("POST", "query:extractive", 100, 0, 5.0, 200, 600, 900),
     ("POST", "read", 50, 1, 2.5, 40, 120, 150),
     ("SSE", "generate:first-token", 10, 0, 0.5, 500, 900, 950),
@@ -263,3 +263,92 @@ def test_refuses_remote_targets(capsys: pytest.CaptureFixture[str]) -> None:
 
     assert main(["loadtest", "--url", "http://192.0.2.1:8000"]) == 2
     assert "loopback only" in capsys.readouterr().err
+
+
+# --- loadtest-compare: systems from another source tree ---------------------------------------
+
+
+def _tree(tmp_path: Path) -> Path:
+    """A source tree laid out as installed: a `qaserve` package that says where it is."""
+    pkg = tmp_path / "old" / "qaserve"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("WHERE = 'old tree'\n")
+    return pkg.parent
+
+
+def test_parse_system_specs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from qaserve.loadtests.compare import System, parse_system, parse_systems
+
+    src = _tree(tmp_path)
+    config = tmp_path / "graph.yaml"
+    config.write_text("stages: {}\n")
+    monkeypatch.chdir(tmp_path)
+    assert parse_system("graph-fixed") == System("graph-fixed")
+    # A file is made absolute; a bare name is left for the serving tree to resolve.
+    assert parse_system("new=graph.yaml") == System("new", str(config))
+    assert parse_system(f"old=local.yaml@{src}") == System("old", "local.yaml", src)
+    assert parse_system(f" old = graph.yaml @ {src} ") == System("old", str(config), src)
+    systems = parse_systems(f"old=local.yaml@{src},new=local.yaml, baseline")
+    assert [s.name for s in systems] == ["old", "new", "baseline"]
+    for bad in ("nope", "=local.yaml", "x=", f"x=@{src}", "x=local.yaml@", "a/b=local.yaml"):
+        with pytest.raises(ValueError):
+            parse_system(bad)
+    with pytest.raises(ValueError, match="no qaserve package"):
+        parse_system(f"old=local.yaml@{tmp_path}")
+    with pytest.raises(ValueError, match="more than once"):
+        parse_systems("a=local.yaml,a=other.yaml")
+
+
+def test_server_from_another_tree_imports_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SRC_DIR goes first on the server's PYTHONPATH, and wins over the venv's editable
+    install of qaserve (whose finder Python consults after the path)."""
+    import subprocess
+    import sys
+
+    from qaserve.loadtests import compare, run
+
+    src = _tree(tmp_path)
+    env = run.src_env(src, {"PYTHONPATH": "/elsewhere", "KEEP": "1"})
+    assert env == {"PYTHONPATH": f"{src}:/elsewhere", "KEEP": "1"}
+    assert run.src_env(None) is None
+    code = "import qaserve; print(getattr(qaserve, 'WHERE', 'this tree'), qaserve.__file__)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=run.src_env(src), capture_output=True, text=True
+    )
+    assert out.stdout.split()[:2] == ["old", "tree"], out.stderr
+    assert out.stdout.split()[-1] == str(src / "qaserve" / "__init__.py")
+
+    started: dict[str, Any] = {}
+
+    def fake_start(cmd: list[str], port: int, log: Path, timeout_s: float, env: Any) -> str:
+        started.update(cmd=cmd, env=env)
+        return "server"
+
+    monkeypatch.setattr(run.ServerProcess, "start", staticmethod(fake_start))
+    system = compare.parse_system(f"old=local.yaml@{src}")
+    started_as = cast(Any, compare.start_system(system, tmp_path, None))  # fake_start's marker
+    assert started_as == "server"
+    assert started["cmd"][started["cmd"].index("--config") + 1] == "local.yaml"
+    assert started["env"]["PYTHONPATH"].split(":")[0] == str(src)
+    compare.start_system(compare.parse_system("new=local.yaml"), tmp_path, None)
+    assert started["env"] is None  # this install, the caller's environment
+
+
+def test_compare_ratios_against_a_chosen_baseline(tmp_path: Path) -> None:
+    from qaserve.loadtests.compare import render
+    from qaserve.loadtests.report import StepStats
+
+    def rows(rps: float, p95: float) -> list[StepStats]:
+        return [
+            StepStats(i, u, 25, int(rps * 25), 0, rps, p95 / 2, p95 * u, p95 * u, {"200": 1})
+            for i, u in enumerate((1, 16))
+        ]
+
+    merged = {"old": rows(10.0, 200.0), "new": rows(15.0, 100.0)}
+    text = render(merged, "t", 5000, tmp_path, baseline="old")
+    assert "against old" in text
+    assert "15.00 (1.50x)" in text  # req/s within the p95 budget, new / old
+    assert "| 16 | 1.50x | 0.50x |" in text  # per step: req/s and p95, new / old
+    assert (tmp_path / "compare.md").exists()

@@ -120,6 +120,7 @@ def test_a_published_int8_reader_is_exported_once_and_served_from_the_store(
     node's reader loads it as is (no export, no cache entry under reader/)."""
     from qaserve.deployments.reader import Reader
 
+    assert tiny_engine_config.reader.model is not None
     exported = Path(tiny_engine_config.reader.model)
     assert (exported / "model.onnx").exists()
     store = str(tmp_path / "store")

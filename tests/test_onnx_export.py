@@ -6,6 +6,7 @@ import json
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -208,10 +209,10 @@ def test_other_architectures(kind: str, cache: Path, tmp_path: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(packaged_embedder())
     torch.manual_seed(0)
     if kind == "distilbert":
-        config = DistilBertConfig(
+        config: Any = DistilBertConfig(
             vocab_size=tokenizer.vocab_size, dim=32, n_layers=2, n_heads=4, hidden_dim=64
         )
-        model = DistilBertForQuestionAnswering(config)
+        model: Any = DistilBertForQuestionAnswering(config)
     else:
         config = AlbertConfig(
             vocab_size=tokenizer.vocab_size,

@@ -115,7 +115,7 @@ def _outcome(url: str, method: str, path: str, body: Any = None) -> Any:
 
         events = [(e.event, _normal(json.loads(e.data))) for e in SSEDecoder().feed(r.text)]
         return r.status_code, events
-    payload = r.json() if r.content else None
+    payload: Any = r.json() if r.content else None
     if path == "/v1/models":  # each transport has its own store folder
         payload["models"] = [m | {"model": m["stage"]} for m in payload["models"]]
     if r.status_code >= 400:

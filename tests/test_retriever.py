@@ -271,7 +271,7 @@ def test_collections_are_separate(retriever: Retriever) -> None:
 
 def test_bad_arguments(retriever: Retriever) -> None:
     with pytest.raises(BadRequest):
-        retriever.retrieve("q", mode="fuzzy")  # type: ignore[arg-type]
+        retriever.retrieve("q", mode="fuzzy")  # type: ignore[arg-type]  # a bad mode on purpose
     with pytest.raises(BadRequest):
         retriever.retrieve("q", top_k=0)
     with pytest.raises(BadRequest):

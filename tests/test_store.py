@@ -6,6 +6,7 @@ Backends: Qdrant Edge on tmp_path, qdrant-client local mode in memory and on a p
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -57,7 +58,7 @@ def store(backend: str, tmp_path: Path):
     s.close()
 
 
-def _all_hits(store: DocumentStore, **kw: object):
+def _all_hits(store: DocumentStore, **kw: Any):
     return store.search(vector=_unit(99)[0], text="", top_k=100, **kw)
 
 
@@ -188,6 +189,7 @@ def test_indexed_and_unindexed_keys_filter_alike(backend: str, tmp_path: Path) -
 
 def test_bad_filters_are_bad_requests(store: DocumentStore) -> None:
     _meta_store(store)
+    bad: Any
     for bad in ({"k": []}, {"k": float("nan")}, {'a"b': 1}, {"k": [{"x": 1}]}):
         with pytest.raises(BadRequest):
             store.search(vector=_unit(1)[0], text="x", top_k=3, filters=bad)

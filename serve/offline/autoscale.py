@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 from qaserve.runtime.graph_config import GraphConfig, StageOptions
 
@@ -36,7 +36,8 @@ def replica_count(stage: str, app: str = DEMO_APP) -> int:
     from ray import serve
 
     status = serve.status().applications[app].deployments[stage]
-    return int(status.replica_states.get("RUNNING", 0))
+    states = cast("dict[str, int]", status.replica_states)  # ReplicaState is a str enum
+    return int(states.get("RUNNING", 0))
 
 
 def run_demo(

@@ -19,12 +19,15 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qaserve.metrics import average_precision, mean, recall_at_k, squad_em_f1
 
+if TYPE_CHECKING:
+    from qaserve_client.schema import RetrievalMode
+
 KS = (1, 3, 5, 10)
-MODES = ("dense", "sparse", "hybrid")
+MODES: tuple[RetrievalMode, ...] = ("dense", "sparse", "hybrid")
 # The book's figures on electronics/test (../shared/data/subjqa/README.md), for reference.
 BOOK_ELECTRONICS = {
     "retriever": {
@@ -182,8 +185,8 @@ def evaluate(
                     top_k_retriever=top_k_retriever,
                     filters={"item_id": ex.item_id},
                     collection=collection,
-                    retrieval=pipeline_retrieval,  # type: ignore[arg-type]
-                    mode=mode,  # type: ignore[arg-type]
+                    retrieval=pipeline_retrieval,
+                    mode=mode,
                     **settings,
                 )
             )
@@ -237,12 +240,12 @@ def format_table(report: dict[str, Any]) -> str:
         "",
         "retriever (item_id filter)  " + "  ".join(f"{'R@' + str(k):>6}" for k in KS) + "     mAP",
     ]
-    for mode, row in report["retriever"].items():
+    for mode, figures in report["retriever"].items():
         name = {"sparse": "bm25"}.get(mode, mode)
         lines.append(
             f"  {name:<26}"
-            + "  ".join(f"{row[f'recall@{k}']:>6.3f}" for k in KS)
-            + f"  {row['mAP']:>6.3f}"
+            + "  ".join(f"{figures[f'recall@{k}']:>6.3f}" for k in KS)
+            + f"  {figures['mAP']:>6.3f}"
         )
     if "book" in report:
         b = report["book"]["retriever"]["bm25"]

@@ -28,7 +28,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -84,13 +84,15 @@ def _token_span(
     if start_char < 0 or not ctx:
         return 0, 0
     first, last = ctx[0], ctx[-1]
-    if offsets[first][0] > start_char or offsets[last][1] < end_char:  # type: ignore[index]
+    # The context's tokens are contiguous: every offset from first to last is set.
+    spans = cast("list[tuple[int, int]]", offsets)
+    if spans[first][0] > start_char or spans[last][1] < end_char:
         return 0, 0
     s = first
-    while s <= last and offsets[s][1] <= start_char:  # type: ignore[index]
+    while s <= last and spans[s][1] <= start_char:
         s += 1
     e = last
-    while e >= first and offsets[e][0] >= end_char:  # type: ignore[index]
+    while e >= first and spans[e][0] >= end_char:
         e -= 1
     if s > e:
         return 0, 0
@@ -111,7 +113,7 @@ def make_features(
     for i, ex_idx in enumerate(enc["overflow_to_sample_mapping"]):
         seq_ids = enc.sequence_ids(i)
         offsets: list[tuple[int, int] | None] = [
-            tuple(o) if sid == 1 else None  # type: ignore[misc]
+            tuple(o) if sid == 1 else None
             for o, sid in zip(enc["offset_mapping"][i], seq_ids, strict=True)
         ]
         ids = enc["input_ids"][i]
@@ -183,9 +185,10 @@ def best_span(
     ps_c, pe_c = np.where(ctx, ps, 0.0), np.where(ctx, pe, 0.0)
     outer = np.triu(np.tril(np.outer(ps_c, pe_c), max_answer_len - 1))
     s, e = np.unravel_index(int(outer.argmax()), outer.shape)
-    if outer[s, e] <= 0 or offsets[s] is None or offsets[e] is None:
+    start, end = offsets[s], offsets[e]
+    if outer[s, e] <= 0 or start is None or end is None:
         return 0.0, null, 0, 0
-    return float(outer[s, e]), null, offsets[s][0], offsets[e][1]  # type: ignore[index]
+    return float(outer[s, e]), null, start[0], end[1]
 
 
 def predict(

@@ -83,7 +83,7 @@ def error_response(exc: QAServeError, retry_after: int = 1) -> JSONResponse:
 def validation_error(exc: RequestValidationError) -> QAServeError:
     """The first problem, with its dotted field path (`documents.0.text`)."""
     errors = list(exc.errors())
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    first: dict[str, Any] = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     loc = list(first.get("loc", ()))
     if loc and loc[0] in ("body", "query", "path", "header"):
         loc = loc[1:]
@@ -239,7 +239,7 @@ class _Calls:
 
         async def step() -> Event | None:
             try:
-                return await self(op, anext(events))  # type: ignore[arg-type]
+                return await self(op, anext(events))
             except StopAsyncIteration:
                 return None
 

@@ -22,7 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from qaserve.runtime.graph_config import APP_NAME, GraphConfig, read_graph_yaml
 from qaserve.runtime.server import resolve_config, serve_config
@@ -125,7 +125,11 @@ def _deploy_ray_client(address: str, config: dict[str, Any]) -> None:
     app = config["applications"][0]
     ray.init(address=address, runtime_env=app["runtime_env"], log_to_driver=False)
     try:
-        serve.start(http_options=config["http_options"], proxy_location=config["proxy_location"])
+        serve.start(
+            http_options=config["http_options"],
+            proxy_location=config["proxy_location"],
+            logging_config=config.get("logging_config"),
+        )
         graph = build_graph(GraphConfig.from_data(app["args"]["graph"]))
         serve.run(graph, name=app["name"], route_prefix=app["route_prefix"], blocking=False)
     finally:
@@ -179,7 +183,8 @@ def serve_details(address: str | None) -> tuple[dict[str, Any], dict[str, str]]:
         ray.init(address=address or "auto", log_to_driver=False)
     try:
         controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
-        details = ray.get(controller.get_serve_instance_details.remote())
+        # An actor method call: ray.get's overloads cannot tell its result from a list's.
+        details = cast("dict[str, Any]", ray.get(controller.get_serve_instance_details.remote()))
         kinds = {
             n["NodeID"]: node_kind(n.get("Resources") or {}, n.get("Labels") or {})
             for n in ray.nodes()

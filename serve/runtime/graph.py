@@ -3,10 +3,13 @@ Ingress; `serve run qaserve.runtime.graph:app` and Serve config files enter here
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from qaserve.runtime.graph_config import INGRESS, GraphConfig
 from qaserve.stages import STAGES
+
+if TYPE_CHECKING:
+    from ray.serve import Deployment
 
 
 def build_graph(cfg: GraphConfig) -> Any:
@@ -14,13 +17,16 @@ def build_graph(cfg: GraphConfig) -> Any:
     from qaserve.runtime.ingress import Ingress
 
     engine = cfg.engine.model_dump(mode="json")
+    logging: dict[str, Any] = {"logging_config": cfg.logging.model_dump()}
     bound: dict[str, Any] = {}
     for s in STAGES:  # the registry lists a stage after the stages it needs
         batch = cfg.batching[s.deployment].model_dump() if s.deployment in cfg.batching else {}
+        replica = {"batch": batch, "threads": cfg.stages[s.deployment].threads}
         needs = {name: bound[name] for name in s.needs}
-        opts = cfg.stages[s.deployment].serve_options()
-        bound[s.name] = s.deployment_class().options(**opts).bind(engine, batch, needs)
-    return Ingress.options(**cfg.stages[INGRESS].serve_options()).bind(
+        opts = cfg.stages[s.deployment].serve_options() | logging
+        bound[s.name] = s.deployment_class().options(**opts).bind(engine, replica, needs)
+    ingress = cast("Deployment", Ingress)  # @serve.deployment: mypy skips class decorators
+    return ingress.options(**cfg.stages[INGRESS].serve_options(), **logging).bind(
         cfg.server.model_dump(mode="json"), cfg.engine.ensemble.model_dump(mode="json"), bound
     )
 

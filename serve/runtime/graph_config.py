@@ -34,6 +34,10 @@ class StageOptions(BaseModel):
     max_queued_requests: int = Field(-1, ge=-1)
     graceful_shutdown_timeout_s: float = 5.0
     health_check_period_s: float = 5.0
+    # qaserve's, not Serve's: the torch / ONNX Runtime threads of each replica. Default: its
+    # CPU grant rounded up. More than the grant trades throughput under load for latency
+    # when the machine is idle (a 0.4-CPU reader with 2 threads answers alone at full speed).
+    threads: int | None = Field(None, ge=1, le=256)
 
     @model_validator(mode="after")
     def _one_way_to_scale(self) -> StageOptions:
@@ -42,7 +46,7 @@ class StageOptions(BaseModel):
         return self
 
     def serve_options(self) -> dict[str, Any]:
-        return self.model_dump(exclude_none=True)
+        return self.model_dump(exclude_none=True, exclude={"threads"})
 
 
 def default_stages() -> dict[str, StageOptions]:
@@ -66,6 +70,16 @@ def default_batching() -> dict[str, BatchOptions]:
     }
 
 
+class LoggingOptions(BaseModel):
+    """Ray Serve's logging for every deployment and, with `qaserve serve`, its proxy. On a
+    small machine the per-request access log lines of the proxy and each replica cost CPU
+    that the models need (serve/configs/local.yaml turns them off)."""
+
+    model_config = ConfigDict(extra="forbid")
+    enable_access_log: bool = True
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+
+
 class GraphConfig(BaseModel):
     """Everything `qaserve serve` deploys: the engine, the HTTP layer and each stage's options."""
 
@@ -74,6 +88,7 @@ class GraphConfig(BaseModel):
     server: ServerConfig = Field(default_factory=ServerConfig)
     stages: dict[str, StageOptions] = Field(default_factory=default_stages)
     batching: dict[str, BatchOptions] = Field(default_factory=default_batching)
+    logging: LoggingOptions = Field(default_factory=LoggingOptions)
 
     @model_validator(mode="after")
     def _check(self) -> GraphConfig:

@@ -8,10 +8,10 @@ itself, so `qaserve.errors.as_api_error` maps it exactly as it does in-process.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from ray import serve
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from qaserve.config import EnsembleConfig, ServerConfig
 from qaserve.errors import Overloaded
@@ -78,7 +78,10 @@ class RayStages:
         return await call(self.handles["generator"].generate.remote(request))
 
     async def generate_stream(self, request: GenerateRequest) -> AsyncIterator[GeneratedToken]:
-        response = self.handles["generator"].options(stream=True).stream.remote(request)
+        handle = self.handles["generator"].options(stream=True)
+        response = cast(
+            "DeploymentResponseGenerator[GeneratedToken]", handle.stream.remote(request)
+        )
         it = response.__aiter__()
         try:
             while True:

@@ -57,6 +57,7 @@ def serve_config(
     return {
         "proxy_location": proxy_location,
         "http_options": {"host": host, "port": port},
+        "logging_config": cfg.logging.model_dump(),
         "applications": [
             {
                 "name": APP_NAME,
@@ -148,7 +149,9 @@ def run_server(
     try:
         from qaserve.runtime.graph import build_graph
 
-        serve.start(http_options={"host": host, "port": port})
+        serve.start(
+            http_options={"host": host, "port": port}, logging_config=cfg.logging.model_dump()
+        )
         serve.run(build_graph(cfg), name=APP_NAME, route_prefix="/")
         if sample:
             _ingest_sample()
