@@ -24,6 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ def main() -> int:
 
     from qaserve.config import EngineConfig
     from qaserve.loaders import sample_documents
+    from qaserve.loadtests.profiling import CpuAccount
     from qaserve.runtime.graph import build_graph
     from qaserve.runtime.graph_config import APP_NAME, BatchOptions, GraphConfig
     from qaserve.runtime.local import Engine
@@ -127,12 +129,16 @@ def main() -> int:
             ask_engine(req[0]), ask_graph(req[0])  # warm-up
             throughput(ask_graph, args.concurrency)  # autoscaled stages reach load-time counts
             rounds: list[dict[str, float]] = []
+            cpu_ms: defaultdict[str, list[float]] = defaultdict(list)  # per question, by process
             for i in range(args.rounds):
                 for r in req:  # one question each, in turn: 1 client each
                     samples["engine"].append(ask_engine(r, keep=True))
                     samples["graph"].append(ask_graph(r, keep=True))
                 engine_qps = throughput(ask_engine, 1)
+                account = CpuAccount().start()
                 graph_qps = throughput(ask_graph, args.concurrency)
+                for name, cpu_s in account.stop().items():
+                    cpu_ms[name].append(cpu_s * 1000 / len(req))
                 rounds.append({"engine_qps": engine_qps, "graph_qps": graph_qps})
                 print(
                     f"round {i + 1}/{args.rounds}: engine {engine_qps:.2f} q/s sequential, "
@@ -177,6 +183,11 @@ def main() -> int:
         f"throughput ratio graph ({args.concurrency} clients) / engine (sequential), "
         f"median of rounds: {result['throughput_ratio']:.2f}"
     )
+    result["graph_cpu_ms_per_question"] = {
+        k: round(statistics.median(v), 1) for k, v in cpu_ms.items() if statistics.median(v) >= 0.5
+    }
+    print(f"CPU ms per question at {args.concurrency} clients, by process (median of rounds):")
+    print("  " + ", ".join(f"{k} {v}" for k, v in result["graph_cpu_ms_per_question"].items()))
     print("stage medians at 1 client (ms), engine:", result["engine_stage_ms"])
     print("stage medians at 1 client (ms), graph: ", result["graph_stage_ms"])
     if "graph_qps_unbatched" in result:

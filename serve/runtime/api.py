@@ -151,7 +151,8 @@ class BodyLimit:
 
 
 class Admission:
-    """503 + Retry-After beyond `limit` API requests in flight (streams count until done)."""
+    """503 + Retry-After beyond `limit` API requests in flight (streams count until done):
+    the v1 API and the OpenAI-compatible routes; the page and the probes are not counted."""
 
     def __init__(self, app: ASGIApp, limit: int, retry_after: int) -> None:
         self.app = app
@@ -160,7 +161,7 @@ class Admission:
         self.ongoing = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http" or not scope["path"].startswith(("/v1/", "/openai/v1/")):
             await self.app(scope, receive, send)
             return
         if self.ongoing >= self.limit:
@@ -444,4 +445,9 @@ def build_app(backend: Pipeline | None, cfg: ServerConfig | None = None) -> Fast
         body = ReadyResponse(ready=ready, stages=stages)
         return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
+    # Modules that import this one register their routes here: local imports.
+    from qaserve.runtime import openai_routes, playground
+
+    openai_routes.register(app, call, reads)  # /openai/v1: OpenAI's chat API
+    playground.register(app)  # the page at `/` (static files)
     return app
