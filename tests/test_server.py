@@ -142,7 +142,14 @@ def test_qaserve_serve_answers_and_stops_cleanly_on_sigterm(
         )
         assert ask.returncode == 0, ask.stderr
         answer = json.loads(ask.stdout)
-        assert set(answer) == {"answer", "answers", "generated", "documents", "timings_ms"}
+        assert set(answer) == {
+            "answer",
+            "answers",
+            "no_answer_score",
+            "generated",
+            "documents",
+            "timings_ms",
+        }
         assert answer["documents"], "the sample corpus was not retrieved"
         family = _children(proc.pid)
         assert family, "Ray started no processes"

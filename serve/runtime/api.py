@@ -21,6 +21,7 @@ from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -299,6 +300,12 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+def _json(body: BaseModel) -> Response:
+    """The answer as JSON, as it is: the pipeline built it from the same models the routes
+    declare, so FastAPI's second validation and encoding pass (response_model) is skipped."""
+    return Response(body.model_dump_json(), media_type="application/json")
+
+
 def _backend(request: Request) -> Pipeline:
     backend = request.app.state.backend
     if backend is None:
@@ -358,7 +365,7 @@ def build_app(backend: Pipeline | None, cfg: ServerConfig | None = None) -> Fast
     )
     async def ingest(body: IngestRequest, request: Request) -> Any:
         """Split, embed and store; a document with an existing id replaces it (idempotent)."""
-        return await call("ingest", _backend(request).ingest(body))
+        return _json(await call("ingest", _backend(request).ingest(body)))
 
     @app.get(
         "/v1/documents/{doc_id:path}",
@@ -369,7 +376,7 @@ def build_app(backend: Pipeline | None, cfg: ServerConfig | None = None) -> Fast
     async def get_document(
         doc_id: str, request: Request, collection: str | None = collection_q
     ) -> Any:
-        return await call("get_document", _backend(request).get_document(doc_id, collection))
+        return _json(await call("get_document", _backend(request).get_document(doc_id, collection)))
 
     @app.delete(
         "/v1/documents/{doc_id:path}", status_code=204, dependencies=writes, tags=["documents"]
@@ -382,11 +389,11 @@ def build_app(backend: Pipeline | None, cfg: ServerConfig | None = None) -> Fast
 
     @app.post("/v1/retrieve", response_model=RetrieveResponse, dependencies=reads, tags=["stages"])
     async def retrieve(body: RetrieveRequest, request: Request) -> Any:
-        return await call("retrieve", _backend(request).retrieve(body))
+        return _json(await call("retrieve", _backend(request).retrieve(body)))
 
     @app.post("/v1/read", response_model=ReadResponse, dependencies=reads, tags=["stages"])
     async def read(body: ReadRequest, request: Request) -> Any:
-        return await call("read", _backend(request).read(body))
+        return _json(await call("read", _backend(request).read(body)))
 
     @app.post(
         "/v1/generate",
@@ -402,7 +409,7 @@ def build_app(backend: Pipeline | None, cfg: ServerConfig | None = None) -> Fast
         backend = _backend(request)
         if body.stream:
             return await call.events("generate", backend.generate_events(body))
-        return await call("generate", backend.generate(body))
+        return _json(await call("generate", backend.generate(body)))
 
     @app.post(
         "/v1/query",
@@ -419,11 +426,11 @@ def build_app(backend: Pipeline | None, cfg: ServerConfig | None = None) -> Fast
         backend = _backend(request)
         if body.stream:
             return await call.events("query", backend.query_events(body))
-        return await call("query", backend.query(body))
+        return _json(await call("query", backend.query(body)))
 
     @app.get("/v1/models", response_model=ModelsResponse, dependencies=reads, tags=["ops"])
     async def models(request: Request) -> Any:
-        return await call("models", _backend(request).models())
+        return _json(await call("models", _backend(request).models()))
 
     @app.get("/healthz", response_model=HealthResponse, tags=["ops"])
     async def healthz() -> Any:
