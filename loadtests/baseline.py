@@ -25,7 +25,7 @@ import torch
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from qaserve.config import packaged_embedder, packaged_generator
+from qaserve.config import GeneratorConfig, ReaderConfig, packaged_embedder, packaged_generator
 from qaserve_client.schema import (
     Answer,
     FinalAnswer,
@@ -45,6 +45,11 @@ from qaserve_client.schema import (
 )
 
 COLLECTION = "documents"
+
+
+# What the wire leaves unset means the server's configured value: the engine's defaults here.
+MAX_ANSWER_LEN = int(ReaderConfig.model_fields["max_answer_len"].default)
+MAX_NEW_TOKENS = int(GeneratorConfig.model_fields["max_new_tokens"].default)
 
 
 class Baseline:
@@ -125,6 +130,7 @@ class Baseline:
 
     # reading: overlapping windows, best span per window, null score from [CLS] ------------
     def read(self, req: ReadRequest) -> ReadResponse:
+        max_len = req.max_answer_len or MAX_ANSWER_LEN
         answers: list[Answer] = []
         null = -np.inf
         for doc in req.documents:
@@ -150,7 +156,7 @@ class Baseline:
                 null = max(null, float(start[0] * end[0]))
                 for s in np.argsort(start)[-20:][::-1]:
                     for e in np.argsort(end)[-20:][::-1]:
-                        if seq[s] != 1 or seq[e] != 1 or e < s or e - s + 1 > req.max_answer_len:
+                        if seq[s] != 1 or seq[e] != 1 or e < s or e - s + 1 > max_len:
                             continue
                         a, b = offsets[w][s][0], offsets[w][e][1]
                         answers.append(
@@ -192,7 +198,7 @@ class Baseline:
         inputs = self._prompt(req)
         with torch.inference_mode():
             out = self.gen_model.generate(
-                **inputs, max_new_tokens=req.max_new_tokens, do_sample=False
+                **inputs, max_new_tokens=req.max_new_tokens or MAX_NEW_TOKENS, do_sample=False
             )
         new = out[0, inputs["input_ids"].shape[1] :].tolist()
         tokens = [
@@ -212,7 +218,9 @@ class Baseline:
         streamer = TextIteratorStreamer(
             self.gen_tokenizer, skip_prompt=True, skip_special_tokens=True
         )
-        kwargs = dict(**inputs, max_new_tokens=req.max_new_tokens, do_sample=False)
+        kwargs = dict(
+            **inputs, max_new_tokens=req.max_new_tokens or MAX_NEW_TOKENS, do_sample=False
+        )
 
         def run() -> None:
             with torch.inference_mode():
