@@ -12,7 +12,7 @@ import asyncio
 import hmac
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -233,10 +233,17 @@ class _Calls:
         except Exception as exc:
             raise as_api_error(exc, op, timeout) from exc
 
-    async def events(self, op: str, events: AsyncIterator[Event]) -> StreamingResponse:
-        """SSE of `events` then `done`; each event under the timeout. An error before the
-        first event is an ordinary error response; after it, an `error` event ends the stream.
-        """
+    async def events(
+        self,
+        op: str,
+        events: AsyncIterator[Event],
+        render: Callable[[AsyncIterator[Event]], AsyncIterator[bytes]] | None = None,
+        on_error: Callable[[QAServeError], bytes] | None = None,
+    ) -> StreamingResponse:
+        """A streamed answer: `render` turns the events into the body (default: SSE of each
+        event, then `done`), each event under the timeout. An error before the first event is
+        an ordinary error response; after it, `on_error`'s chunk (default: an SSE `error`
+        event) ends the stream. However it ends, the events' source is closed."""
         timeout = self.cfg.timeout_for(op)
 
         async def step() -> Event | None:
@@ -251,16 +258,18 @@ class _Calls:
             await _aclose(events)
             raise
 
+        async def timed() -> AsyncIterator[Event]:
+            item = first
+            while item is not None:
+                yield item
+                item = await step()
+
         async def body() -> AsyncIterator[bytes]:
             try:
-                item = first
-                while item is not None:
-                    yield sse.encode(item[0], item[1].model_dump_json())
-                    item = await step()
-                yield sse.encode("done", "{}")
+                async for chunk in (render or _sse)(timed()):
+                    yield chunk
             except Exception as exc:
-                error = as_api_error(exc, op, timeout)
-                yield sse.encode("error", json.dumps(error.to_dict()))
+                yield (on_error or _sse_error)(as_api_error(exc, op, timeout))
             finally:
                 # Shielded: after a client disconnects the scope is cancelled, and an
                 # unshielded await would be cancelled before the backend stops generating.
@@ -272,6 +281,16 @@ class _Calls:
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
+
+
+async def _sse(events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
+    async for name, payload in events:
+        yield sse.encode(name, payload.model_dump_json())
+    yield sse.encode("done", "{}")
+
+
+def _sse_error(error: QAServeError) -> bytes:
+    return sse.encode("error", json.dumps(error.to_dict()))
 
 
 async def _aclose(iterator: AsyncIterator[Any]) -> None:

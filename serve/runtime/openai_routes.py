@@ -30,10 +30,9 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any, Literal
 
 import annotated_types
-import anyio
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
@@ -44,10 +43,9 @@ from qaserve.errors import (
     Overloaded,
     QAServeError,
     Unauthorized,
-    as_api_error,
 )
 from qaserve.pipeline import Event
-from qaserve.runtime.api import _aclose, _backend, _Calls, validation_error
+from qaserve.runtime.api import _backend, _Calls, validation_error
 from qaserve_client.schema import (
     Filters,
     GeneratedToken,
@@ -492,52 +490,27 @@ async def _stream(
 ) -> Response:
     """Chunks in OpenAI's format, then `data: [DONE]`. An error before the first event is an
     ordinary error response; after it, a `data: {"error": ...}` line ends the stream."""
-    op = "query"
-    timeout = call.cfg.timeout_for(op)
-    events: AsyncIterator[Event] = backend.query_events(query)
-
-    async def step() -> Event | None:
-        try:
-            return await call(op, anext(events))
-        except StopAsyncIteration:
-            return None
-
-    try:
-        first = await step()
-    except BaseException:
-        await _aclose(events)
-        raise
     deltas = Deltas(query.mode, _reader_threshold(backend))
 
-    async def body() -> AsyncIterator[bytes]:
-        try:
-            yield completion.chunk({"role": "assistant", "content": ""})
-            final: QueryResponse | None = None
-            item = first
-            while item is not None:
-                text = deltas.feed(item)
-                if text:
-                    yield completion.chunk({"content": text})
-                if item[0] == "answer" and isinstance(item[1], QueryResponse):
-                    final = item[1]
-                item = await step()
-            if final is None:
-                raise InternalError("the query stream ended without an answer")
-            rest = deltas.finish(final)
-            if rest:
-                yield completion.chunk({"content": rest})
-            extra = {"qaserve": evidence(final, query)}
-            yield completion.chunk({}, finish_reason(final, query), extra)
-            yield _data("[DONE]")
-        except Exception as exc:
-            error = OpenAIError.of(as_api_error(exc, op, timeout))
-            yield _data(json.dumps(error.body()))
-        finally:
-            with anyio.CancelScope(shield=True):  # as in _Calls.events: stop the backend
-                await _aclose(events)
+    async def render(items: AsyncIterator[Event]) -> AsyncIterator[bytes]:
+        yield completion.chunk({"role": "assistant", "content": ""})
+        final: QueryResponse | None = None
+        async for item in items:
+            text = deltas.feed(item)
+            if text:
+                yield completion.chunk({"content": text})
+            if item[0] == "answer" and isinstance(item[1], QueryResponse):
+                final = item[1]
+        if final is None:
+            raise InternalError("the query stream ended without an answer")
+        rest = deltas.finish(final)
+        if rest:
+            yield completion.chunk({"content": rest})
+        extra = {"qaserve": evidence(final, query)}
+        yield completion.chunk({}, finish_reason(final, query), extra)
+        yield _data("[DONE]")
 
-    return StreamingResponse(
-        body(),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    def on_error(error: QAServeError) -> bytes:
+        return _data(json.dumps(OpenAIError.of(error).body()))
+
+    return await call.events("query", backend.query_events(query), render, on_error)
