@@ -131,12 +131,17 @@ def with_needs(names: Iterator[str] | tuple[str, ...] | list[str]) -> list[Stage
 
 
 def build_stages(
-    cfg: EngineConfig, names: tuple[str, ...] | list[str], threads: int | None
+    cfg: EngineConfig,
+    names: tuple[str, ...] | list[str],
+    threads: int | None,
+    built: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Plain stage objects for `names` (and their needs), as one process holds them."""
-    built: dict[str, Any] = {}
+    """Plain stage objects for `names` (and their needs), as one process holds them; the
+    stages already in `built` are kept, the others added to it."""
+    built = {} if built is None else built
     for s in with_needs(names):
-        built[s.name] = s.build(cfg, threads, built)
+        if s.name not in built:
+            built[s.name] = s.build(cfg, threads, built)
     return built
 
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import signal
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,10 +20,10 @@ from typing import Any
 import pytest
 import yaml
 
+from qaserve.loadtests.run import ServerProcess
 from qaserve.runtime.server import CONFIG_DIR, free_port
 from qaserve.stages import DEPLOYMENTS as STAGES
 
-REPO = Path(__file__).resolve().parents[1]
 OPS = CONFIG_DIR.parent / "ops"  # the package's ops/ folder (serve/ops in the source tree)
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 GRAFANA_BUILTINS = {"__rate_interval", "__interval", "__range", "__all"}
@@ -342,35 +340,23 @@ def test_dashboard_queries_only_what_the_server_exports(
     cmd += [str(_graph_yaml(tiny_engine_config, tmp_path)), "--port", str(port)]
     cmd += ["--metrics-port", str(metrics_port), "--data-dir", str(tmp_path / "data")]
     cmd += ["--no-sample", "--num-cpus", "2"]
-    log_path = tmp_path / "serve.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-        try:
-            deadline = time.monotonic() + 300
-            while "serving on" not in log_path.read_text():
-                assert proc.poll() is None, log_path.read_text()[-3000:]
-                assert time.monotonic() < deadline, log_path.read_text()[-3000:]
-                time.sleep(1)
-            _traffic(f"http://127.0.0.1:{port}")
-            # Ray's metrics agent exports what the processes recorded every ~10 s, and drops
-            # a gauge ~20 s after its last update (the proxy's in-flight count and a batch
-            # queue's length are set per request): what any scrape showed counts as exported.
-            metrics: dict[str, set[str]] = {}
-            deadline = time.monotonic() + 120
-            while True:
-                text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).text
-                for name, labels in exported(text).items():
-                    metrics.setdefault(name, set()).update(labels)
-                found = problems(dash, metrics)
-                if not found or time.monotonic() > deadline:
-                    break
-                time.sleep(3)
-            serve_names = sorted(n for n in metrics if n.startswith(("ray_serve_", "ray_qaserve")))
-            assert not found, "\n".join(found) + "\nexported: " + " ".join(serve_names)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                raise
+    server = ServerProcess.start(cmd, port, tmp_path / "serve.log", timeout_s=300)
+    try:
+        _traffic(server.url)
+        # Ray's metrics agent exports what the processes recorded every ~10 s, and drops
+        # a gauge ~20 s after its last update (the proxy's in-flight count and a batch
+        # queue's length are set per request): what any scrape showed counts as exported.
+        metrics: dict[str, set[str]] = {}
+        deadline = time.monotonic() + 120
+        while True:
+            text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).text
+            for name, labels in exported(text).items():
+                metrics.setdefault(name, set()).update(labels)
+            found = problems(dash, metrics)
+            if not found or time.monotonic() > deadline:
+                break
+            time.sleep(3)
+        serve_names = sorted(n for n in metrics if n.startswith(("ray_serve_", "ray_qaserve")))
+        assert not found, "\n".join(found) + "\nexported: " + " ".join(serve_names)
+    finally:
+        assert server.stop(120) is not None

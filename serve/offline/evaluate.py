@@ -103,7 +103,6 @@ def evaluate(
     from tqdm.auto import tqdm
 
     from qaserve.config import EngineConfig
-    from qaserve.deployments.ensemble import Ensemble
     from qaserve.runtime.local import Engine
     from qaserve.subjqa import load_subjqa, unique_reviews
     from qaserve_client.schema import QueryRequest, ReadDocument, ReadResponse
@@ -217,7 +216,7 @@ def evaluate(
             report["ensemble"] = _score(ens_preds, subset)
             report["pipeline_on_subset"] = _score(rd_preds, subset)
             report["ensemble_threshold_sweep"] = _sweep(
-                Ensemble(engine.cfg.ensemble), reads[:n], gens, subset
+                engine.pipeline.ensemble, reads[:n], gens, subset
             )
             report["generator_examples"] = [
                 {"question": ex.question, "gold": _golds(ex)[:3], "generated": g, "ensemble": e}

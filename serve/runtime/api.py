@@ -72,13 +72,19 @@ _HTTP_TYPES = {
 }
 
 
-def error_response(exc: QAServeError, retry_after: int = 1) -> JSONResponse:
-    headers = {}
+def error_headers(exc: QAServeError, retry_after: int = 1) -> dict[str, str]:
+    """What an error tells HTTP clients beyond its body: when to retry, how to authenticate."""
     if isinstance(exc, Overloaded):
-        headers["Retry-After"] = str(getattr(exc, "retry_after", None) or retry_after)
-    elif isinstance(exc, Unauthorized):
-        headers["WWW-Authenticate"] = "Bearer"
-    return JSONResponse(exc.to_dict(), status_code=exc.status, headers=headers)
+        return {"Retry-After": str(exc.retry_after or retry_after)}
+    if isinstance(exc, Unauthorized):
+        return {"WWW-Authenticate": "Bearer"}
+    return {}
+
+
+def error_response(exc: QAServeError, retry_after: int = 1) -> JSONResponse:
+    return JSONResponse(
+        exc.to_dict(), status_code=exc.status, headers=error_headers(exc, retry_after)
+    )
 
 
 def validation_error(exc: RequestValidationError) -> QAServeError:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from qaserve.config import EngineConfig, ServerConfig, apply_overrides
-from qaserve.stages import BY_DEPLOYMENT, DEPLOYMENTS, INGRESS, STAGES
+from qaserve.stages import DEPLOYMENTS, INGRESS, STAGES
 
 APP_NAME = "qaserve"
 
@@ -110,7 +110,7 @@ class GraphConfig(BaseModel):
             self.stages.setdefault(name, default)
         for name, batch in default_batching().items():
             self.batching.setdefault(name, batch)
-        retr = self.stages[BY_DEPLOYMENT["Retriever"].deployment]
+        retr = self.stages["Retriever"]
         if self.engine.store.url is None and (
             retr.autoscaling_config is not None or retr.num_replicas not in (1, None)
         ):

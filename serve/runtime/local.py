@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from qaserve.config import EngineConfig
 from qaserve.pipeline import Pipeline
-from qaserve.stages import STAGES, model_infos, stage, with_needs
+from qaserve.stages import STAGES, build_stages, model_infos, stage
 from qaserve.threads import bound_threads, iterate_blocking
 from qaserve_client.schema import (
     DocumentIn,
@@ -69,10 +69,7 @@ class LocalStages:
         if built is not None:
             return built
         with self._load_lock:
-            for s in with_needs([name]):
-                if s.name not in self._built:
-                    self._built[s.name] = s.build(self.cfg, self.threads, self._built)
-            return self._built[name]
+            return build_stages(self.cfg, [name], self.threads, self._built)[name]
 
     @property
     def embedder(self) -> Embedder:

@@ -40,12 +40,11 @@ from starlette.exceptions import HTTPException
 from qaserve import __version__
 from qaserve.errors import (
     InternalError,
-    Overloaded,
     QAServeError,
     Unauthorized,
 )
 from qaserve.pipeline import Event
-from qaserve.runtime.api import _backend, _Calls, validation_error
+from qaserve.runtime.api import _backend, _Calls, error_headers, validation_error
 from qaserve_client.schema import (
     Filters,
     GeneratedToken,
@@ -123,14 +122,8 @@ class OpenAIError(Exception):
 
     @classmethod
     def of(cls, exc: QAServeError, retry_after: int = 1) -> OpenAIError:
-        headers: dict[str, str] = {}
-        code = exc.type
-        if isinstance(exc, Overloaded):
-            headers["Retry-After"] = str(exc.retry_after or retry_after)
-        elif isinstance(exc, Unauthorized):
-            headers["WWW-Authenticate"] = "Bearer"
-            code = "invalid_api_key"
-        return cls(exc.status, exc.message, exc.field, code, headers)
+        code = "invalid_api_key" if isinstance(exc, Unauthorized) else exc.type
+        return cls(exc.status, exc.message, exc.field, code, error_headers(exc, retry_after))
 
 
 def _invalid(exc: RequestValidationError) -> OpenAIError:
