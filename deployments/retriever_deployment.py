@@ -62,14 +62,9 @@ class RetrieverDeployment:
         return list(await asyncio.to_thread(self.retriever.embedder.embed, texts))
 
     async def retrieve(self, request: RetrieveRequest) -> list[RetrievedDocument]:
-        vector = None
-        if request.retrieval != "sparse":
-            if self.batched:
-                vector = await self._embed_queries(request.query)
-            else:
-                vector = (await asyncio.to_thread(self.retriever.embedder.embed, [request.query]))[
-                    0
-                ]
+        vector = None  # unbatched: Retriever.retrieve embeds the query in the same thread
+        if self.batched and request.retrieval != "sparse":
+            vector = await self._embed_queries(request.query)
         return await asyncio.to_thread(
             self.retriever.retrieve,
             request.query,

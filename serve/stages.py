@@ -101,7 +101,6 @@ STAGES: tuple[Stage, ...] = (
 )
 
 BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
-BY_DEPLOYMENT: dict[str, Stage] = {s.deployment: s for s in STAGES}
 INGRESS = "Ingress"
 # Every deployment of the graph, in the order a Serve config lists them.
 DEPLOYMENTS: tuple[str, ...] = (INGRESS, *(s.deployment for s in STAGES))

@@ -41,7 +41,7 @@ from qaserve_client.schema import (
 if TYPE_CHECKING:
     from qaserve.deployments.generator import RagTokenGenerator
     from qaserve.deployments.reader import Reader
-    from qaserve.deployments.retriever import Embedder, Retriever
+    from qaserve.deployments.retriever import Retriever
 
 log = logging.getLogger("qaserve.local")
 T = TypeVar("T")
@@ -70,10 +70,6 @@ class LocalStages:
             return built
         with self._load_lock:
             return build_stages(self.cfg, [name], self.threads, self._built)[name]
-
-    @property
-    def embedder(self) -> Embedder:
-        return self.stage("embedder")
 
     @property
     def retriever(self) -> Retriever:
