@@ -81,7 +81,7 @@ def build_tree(mapping: dict[str, str]) -> dict[str, str]:
                     path.unlink()
     for folder in sorted(dirs):
         if TREE in (folder, *folder.parents):
-            folder.mkdir(exist_ok=True)
+            folder.mkdir(parents=True, exist_ok=True)  # a fresh clone has no build/
     for path, entry in links.items():
         if not path.is_symlink():
             path.symlink_to(entry)
