@@ -9,7 +9,6 @@ pipeline up in `app.state.backend`, so an app can be built before its pipeline e
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,27 +16,24 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import anyio
-from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi import FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qaserve import __version__
 from qaserve.config import ServerConfig
 from qaserve.errors import (
-    Forbidden,
     InternalError,
-    InvalidRequest,
     Overloaded,
-    PayloadTooLarge,
     QAServeError,
-    Unauthorized,
     as_api_error,
 )
 from qaserve.pipeline import Event, Pipeline
+from qaserve.runtime.keys import KeyCheck
+from qaserve.runtime.middleware import Admission, BodyLimit
+from qaserve.runtime.responses import HTTP_TYPES, error_response, validation_error
 from qaserve_client import sse
 from qaserve_client.schema import (
     DocumentOut,
@@ -59,166 +55,6 @@ from qaserve_client.schema import (
 
 log = logging.getLogger("qaserve.runtime.api")
 T = TypeVar("T")
-
-
-_HTTP_TYPES = {
-    400: "bad_request",
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "payload_too_large",
-    415: "unsupported_media_type",
-}
-
-
-def error_headers(exc: QAServeError, retry_after: int = 1) -> dict[str, str]:
-    """What an error tells HTTP clients beyond its body: when to retry, how to authenticate."""
-    if isinstance(exc, Overloaded):
-        return {"Retry-After": str(exc.retry_after or retry_after)}
-    if isinstance(exc, Unauthorized):
-        return {"WWW-Authenticate": "Bearer"}
-    return {}
-
-
-def error_response(exc: QAServeError, retry_after: int = 1) -> JSONResponse:
-    return JSONResponse(
-        exc.to_dict(), status_code=exc.status, headers=error_headers(exc, retry_after)
-    )
-
-
-def validation_error(exc: RequestValidationError) -> QAServeError:
-    """The first problem, with its dotted field path (`documents.0.text`)."""
-    errors = list(exc.errors())
-    first: dict[str, Any] = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    loc = list(first.get("loc", ()))
-    if loc and loc[0] in ("body", "query", "path", "header"):
-        loc = loc[1:]
-    kind = first.get("type")
-    if kind == "json_invalid":
-        reason = (first.get("ctx") or {}).get("error", "invalid JSON")
-        message, field = f"malformed JSON: {reason} (at character {loc[0] if loc else 0})", None
-    elif kind == "missing" and not loc:
-        message, field = "a JSON request body is required", None
-    else:
-        field = ".".join(str(p) for p in loc) or None
-        text = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-        message = f"{field}: {text}" if field else text
-    if len(errors) > 1:
-        message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
-    return InvalidRequest(message, field)
-
-
-# --- ASGI middleware: run before any parsing ------------------------------------------------
-
-
-class BodyLimit:
-    """413 for bodies over `limit` bytes, by Content-Length or by counting a chunked body.
-
-    The body is read here (FastAPI would read it whole anyway) and replayed to the app, so
-    nothing downstream parses a byte of an oversized request.
-    """
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        too_large = PayloadTooLarge(f"request body larger than {self.limit} bytes")
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            await error_response(too_large)(scope, receive, send)
-            return
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # client went away
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limit:
-                await error_response(too_large)(scope, receive, send)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if replayed:
-                return await receive()  # disconnect notices while streaming
-            replayed = True
-            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-
-        await self.app(scope, replay, send)
-
-
-class Admission:
-    """503 + Retry-After beyond `limit` API requests in flight (streams count until done):
-    the v1 API and the OpenAI-compatible routes; the page and the probes are not counted."""
-
-    def __init__(self, app: ASGIApp, limit: int, retry_after: int) -> None:
-        self.app = app
-        self.limit = limit
-        self.retry_after = retry_after
-        self.ongoing = 0
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(("/v1/", "/openai/v1/")):
-            await self.app(scope, receive, send)
-            return
-        if self.ongoing >= self.limit:
-            busy = Overloaded(f"more than {self.limit} requests in flight; retry later")
-            await error_response(busy, self.retry_after)(scope, receive, send)
-            return
-        self.ongoing += 1
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.ongoing -= 1
-
-
-# --- keys --------------------------------------------------------------------------------------
-
-
-_bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer KEY")
-_key_header = APIKeyHeader(name="X-API-Key", auto_error=False)
-
-
-class KeyCheck:
-    def __init__(self, cfg: ServerConfig) -> None:
-        self.keys = [(k.key.encode(), k.write) for k in cfg.api_keys]
-        self.reads_need_key = cfg.require_key_for_reads
-
-    def check(self, presented: str | None, write: bool) -> None:
-        if not self.keys:
-            return
-        if not presented:
-            if write or self.reads_need_key:
-                raise Unauthorized(
-                    "an API key is required ('Authorization: Bearer KEY' or 'X-API-Key')"
-                )
-            return
-        given = presented.encode()
-        # compare_digest against every key: no early exit that would time the match
-        matches = [w for k, w in self.keys if hmac.compare_digest(k, given)]
-        if not matches:
-            raise Unauthorized("unknown API key")
-        if write and not any(matches):
-            raise Forbidden("this API key may read but not write")
-
-    def dependency(self, write: bool) -> Any:
-        async def check(
-            bearer: HTTPAuthorizationCredentials | None = Depends(_bearer),
-            header: str | None = Depends(_key_header),
-        ) -> None:
-            self.check(bearer.credentials if bearer else header, write)
-
-        return Depends(check)
 
 
 # --- the app -----------------------------------------------------------------------------------
@@ -375,7 +211,7 @@ def build_app(backend: Pipeline | None, cfg: ServerConfig | None = None) -> Fast
 
     @app.exception_handler(HTTPException)
     async def on_http(request: Request, exc: HTTPException) -> JSONResponse:
-        body = {"type": _HTTP_TYPES.get(exc.status_code, "http_error"), "message": str(exc.detail)}
+        body = {"type": HTTP_TYPES.get(exc.status_code, "http_error"), "message": str(exc.detail)}
         return JSONResponse({"error": body}, exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)

@@ -44,7 +44,8 @@ from qaserve.errors import (
     Unauthorized,
 )
 from qaserve.pipeline import Event
-from qaserve.runtime.api import _backend, _Calls, error_headers, validation_error
+from qaserve.runtime.api import _backend, _Calls
+from qaserve.runtime.responses import error_headers, validation_error
 from qaserve_client.schema import (
     Filters,
     GeneratedToken,
