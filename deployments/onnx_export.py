@@ -1,6 +1,8 @@
-"""Export an extractive-QA checkpoint to ONNX: fp32, ORT-optimised fp32, and dynamic int8.
+"""Export a checkpoint to ONNX: fp32, ORT-optimised fp32, and dynamic int8. Two kinds: the
+extractive-QA reader (start and end logits) and the retriever's encoder (token embeddings;
+pooling stays outside the graph, qaserve.deployments.encoder_onnx).
 
-Exports are cached under `<cache_dir>/reader/<content-hash>/<variant>/`, keyed by a hash of
+Exports are cached under `<cache_dir>/<kind>/<content-hash>/<variant>/`, keyed by a hash of
 the checkpoint's config, weights and tokenizer files (plus this module's export settings), so
 a restarted replica reuses them. Each variant is built in a temporary folder and renamed into
 place, and a per-variant file lock stops concurrent replicas from exporting the same thing
@@ -35,6 +37,8 @@ OPSET = 17
 # Candidate model inputs, in the order the exported graph takes them.
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUT_NAMES = ("start_logits", "end_logits")
+KINDS = ("reader", "encoder")
+ENCODER_OUTPUT = "token_embeddings"
 # Model types whose graphs onnxruntime's BERT fusions (Attention, EmbedLayerNormalization,
 # SkipLayerNormalization, BiasGelu) understand; others get ORT's generic offline optimisation.
 BERT_LIKE = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "camembert", "mpnet"}
@@ -104,7 +108,9 @@ def checkpoint_hash(path: Path) -> str:
 # --- the public entry points ---------------------------------------------------------------
 
 
-def export_reader(model: str | Path, cache_dir: Path, variant: str = "int8") -> Path:
+def export_reader(
+    model: str | Path, cache_dir: Path, variant: str = "int8", kind: str = "reader"
+) -> Path:
     """Export `model` (checkpoint dir or hub id) once; return the cached variant's directory.
 
     The directory holds model.onnx, the tokenizer files, config.json and export.json.
@@ -112,10 +118,12 @@ def export_reader(model: str | Path, cache_dir: Path, variant: str = "int8") -> 
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
     src = resolve_checkpoint(model)
     digest = checkpoint_hash(src)
-    root = Path(cache_dir).expanduser() / "reader" / digest
-    return _ensure_variant(str(model), src, digest, root, variant)
+    root = Path(cache_dir).expanduser() / kind / digest
+    return _ensure_variant(str(model), src, digest, root, variant, kind)
 
 
 def write_reader_folder(
@@ -158,7 +166,9 @@ def read_export_meta(folder: Path) -> dict[str, Any]:
 # --- building variants ---------------------------------------------------------------------
 
 
-def _ensure_variant(source: str, src: Path, digest: str, root: Path, variant: str) -> Path:
+def _ensure_variant(
+    source: str, src: Path, digest: str, root: Path, variant: str, kind: str = "reader"
+) -> Path:
     final = root / variant
     if (final / META_NAME).exists():
         return final
@@ -168,14 +178,14 @@ def _ensure_variant(source: str, src: Path, digest: str, root: Path, variant: st
             return final
         parent = None
         if variant == "fp32-opt":
-            parent = _ensure_variant(source, src, digest, root, "fp32")
+            parent = _ensure_variant(source, src, digest, root, "fp32", kind)
         elif variant == "int8":
-            parent = _ensure_variant(source, src, digest, root, "fp32-opt")
+            parent = _ensure_variant(source, src, digest, root, "fp32-opt", kind)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{variant}-", dir=root))
         try:
             started = time.perf_counter()
             if parent is None:
-                details = _export_fp32(src, tmp)
+                details = _export_fp32(src, tmp, kind)
             else:
                 for item in parent.iterdir():
                     if item.name not in (ONNX_NAME, META_NAME):
@@ -185,6 +195,7 @@ def _ensure_variant(source: str, src: Path, digest: str, root: Path, variant: st
             meta = {
                 "source": source,
                 "variant": variant,
+                "kind": kind,
                 "format": f"onnx-{variant}",
                 "hash": digest,
                 "export_version": EXPORT_VERSION,
@@ -201,7 +212,7 @@ def _ensure_variant(source: str, src: Path, digest: str, root: Path, variant: st
             move_into_place(tmp, final, META_NAME)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    log.info("exported reader %s (%s) to %s", source, variant, final)
+    log.info("exported %s %s (%s) to %s", kind, source, variant, final)
     return final
 
 
@@ -232,19 +243,21 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _export_fp32(src: Path, out: Path) -> dict[str, Any]:
+def _export_fp32(src: Path, out: Path, kind: str = "reader") -> dict[str, Any]:
     import torch
-    from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+    from transformers import AutoModel, AutoModelForQuestionAnswering, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(src)
     if not tokenizer.is_fast:
-        raise ValueError(f"{src}: the reader needs a fast (Rust) tokenizer with tokenizer.json")
+        raise ValueError(f"{src}: ONNX export needs a fast (Rust) tokenizer with tokenizer.json")
+    auto = AutoModelForQuestionAnswering if kind == "reader" else AutoModel
     # Eager attention traces to the MatMul/Softmax pattern that ORT fuses into one Attention op.
     try:
-        model = AutoModelForQuestionAnswering.from_pretrained(src, attn_implementation="eager")
+        model = auto.from_pretrained(src, attn_implementation="eager")
     except (ValueError, TypeError):
-        model = AutoModelForQuestionAnswering.from_pretrained(src)
+        model = auto.from_pretrained(src)
     model.eval()
+    outputs = list(OUTPUT_NAMES) if kind == "reader" else [ENCODER_OUTPUT]
 
     accepted = inspect.signature(model.forward).parameters
     names = [
@@ -260,8 +273,8 @@ def _export_fp32(src: Path, out: Path) -> dict[str, Any]:
     )
     args = tuple(sample[n] for n in names)
     axes = {0: "batch", 1: "sequence"}
-    dynamic = {n: axes for n in (*names, *OUTPUT_NAMES)}
-    wrapper = _logits_only(model, names)
+    dynamic = {n: axes for n in (*names, *outputs)}
+    wrapper = _logits_only(model, names) if kind == "reader" else _hidden_only(model, names)
     with torch.no_grad(), warnings.catch_warnings():
         # Tracer notes on shape checks that are constant for every input this model takes.
         warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
@@ -273,7 +286,7 @@ def _export_fp32(src: Path, out: Path) -> dict[str, Any]:
                 args,
                 str(out / ONNX_NAME),
                 input_names=names,
-                output_names=list(OUTPUT_NAMES),
+                output_names=outputs,
                 dynamic_axes=dynamic,
                 opset_version=OPSET,
                 do_constant_folding=True,
@@ -287,7 +300,7 @@ def _export_fp32(src: Path, out: Path) -> dict[str, Any]:
                 args,
                 str(out / ONNX_NAME),
                 input_names=names,
-                output_names=list(OUTPUT_NAMES),
+                output_names=outputs,
                 dynamic_shapes=tuple({0: batch, 1: seq} for _ in names),
                 opset_version=18,
                 external_data=False,
@@ -312,6 +325,22 @@ def _logits_only(model: Any, names: list[str]) -> Any:
             return out.start_logits, out.end_logits
 
     return LogitsOnly()
+
+
+def _hidden_only(model: Any, names: list[str]) -> Any:
+    """Wrap an encoder so its positional inputs are `names` and it returns the token states."""
+    import torch
+
+    class HiddenOnly(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+            out = self.model(**dict(zip(names, tensors, strict=True)), return_dict=True)
+            return out.last_hidden_state
+
+    return HiddenOnly()
 
 
 def _optimize(src: Path, dst: Path, folder: Path) -> dict[str, Any]:

@@ -207,7 +207,11 @@ class Retriever:
 
 
 def build_embedder(cfg: EngineConfig, threads: int | None, built: Mapping[str, Any]) -> Embedder:
-    """The registry's factory (qaserve.stages)."""
+    """The registry's factory (qaserve.stages): torch or ONNX Runtime, as configured."""
+    if cfg.embedder.runtime != "torch":
+        from .encoder_onnx import OnnxEmbedder
+
+        return cast(Embedder, OnnxEmbedder(cfg.embedder, cfg.cache_dir, threads=threads))
     return Embedder(cfg.embedder, threads=threads)
 
 

@@ -87,6 +87,9 @@ class _Cfg(BaseModel):
 
 class EmbedderConfig(_Cfg):
     model: str = Field(default_factory=packaged_embedder)
+    # torch (sentence-transformers) or the same encoder exported to ONNX Runtime, fp32 or
+    # dynamic int8 (qaserve.deployments.encoder_onnx); the vectors share one space.
+    runtime: Literal["torch", "onnx-fp32", "onnx-int8"] = "torch"
     batch_size: int = 32
     max_seq_length: int = 256
     device: str = "cpu"

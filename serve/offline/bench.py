@@ -605,7 +605,7 @@ def _cmd(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     """Add `bench reader` to a CLI's argparse subparsers."""
-    bench = subparsers.add_parser("bench", help="benchmarks (reader: torch vs ONNX variants)")
+    bench = subparsers.add_parser("bench", help="benchmarks: reader and encoder, torch vs ONNX")
     sub = bench.add_subparsers(dest="bench_command", required=True)
     p = sub.add_parser(
         "reader",
@@ -631,3 +631,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--check", action="store_true", help="exit 1 when a target fails")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd)
+
+    from qaserve.offline import bench_encoder
+
+    bench_encoder.register(sub)
