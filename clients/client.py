@@ -21,7 +21,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
+from typing import Any, Concatenate, Generic, Literal, ParamSpec, TypeVar, overload
 from urllib.parse import quote
 
 import httpx
@@ -44,6 +44,7 @@ from qaserve_client.schema import (
     IngestResponse,
     ModelInfo,
     ModelsResponse,
+    Operation,
     QueryMode,
     QueryResponse,
     ReadResponse,
@@ -108,20 +109,48 @@ def _read_document(doc: DocumentLike) -> dict[str, Any]:
 
 
 def _ingest(
-    documents: Sequence[DocumentLike], collection: str | None = None
-) -> Call[IngestResponse]:
-    """Store documents (split into passages and embedded); an existing id is replaced.
+    documents: Sequence[DocumentLike], collection: str | None = None, wait: bool = True
+) -> Call[Any]:
+    """Store documents (split into passages and embedded); an existing id is replaced. All
+    or nothing: a timeout (504) means nothing was written.
 
-    Retried on 503 only when every document has an id: only then is a repeat harmless.
+    `wait=False` (large ingests): the server answers at once with an `Operation` to poll
+    (`operation(id)`, or `wait_operation(op)` until it lands). Retried on 503 only when
+    every document has an id: only then is a repeat harmless.
     """
     docs = [_document_in(d) for d in documents]
     return Call(
         "POST",
         "/v1/documents",
-        _model(IngestResponse),
+        _ingested,
         json=_body(collection=collection, documents=docs),
+        params=None if wait else {"wait": "false"},
         idempotent=all(d.get("id") for d in docs),
     )
+
+
+def _ingested(response: httpx.Response) -> IngestResponse | Operation:
+    if response.status_code == 202:
+        return Operation.model_validate_json(response.content)
+    return IngestResponse.model_validate_json(response.content)
+
+
+def _operation(op_id: str) -> Call[Operation]:
+    """A write started with `ingest(..., wait=False)`: status, progress, result or error."""
+    return Call("GET", "/v1/operations/" + quote(op_id, safe=""), _model(Operation))
+
+
+def _finished(op: Operation) -> Operation | None:
+    """The operation if it finished well; its error raised if it failed or was cancelled."""
+    if op.status == "done":
+        return op
+    if op.error is not None and op.finished:
+        raise error_from_body(None, {"error": op.error.model_dump()})
+    return None
+
+
+def _wait_expired(op: Operation, timeout: float) -> QAServeTimeout:
+    return QAServeTimeout(f"operation {op.id} still {op.status} after {timeout:g} s")
 
 
 def _document_path(doc_id: str) -> str:
@@ -413,7 +442,7 @@ _QUERY_STREAM_DOC = """(event, payload) pairs as the graph runs: ("documents", R
 class Client:
     """Blocking client. Thread-safe (one httpx connection pool); use as a context manager."""
 
-    ingest = _sync(_ingest)
+    operation = _sync(_operation)
     get_document = _sync(_get_document)
     delete_document = _sync(_delete_document)
     retrieve = _sync(_retrieve)
@@ -444,6 +473,39 @@ class Client:
             timeout=timeout,
             transport=transport,
         )
+
+    @overload
+    def ingest(
+        self,
+        documents: Sequence[DocumentLike],
+        collection: str | None = None,
+        wait: Literal[True] = True,
+    ) -> IngestResponse: ...
+    @overload
+    def ingest(
+        self, documents: Sequence[DocumentLike], collection: str | None = None, *, wait: bool
+    ) -> IngestResponse | Operation: ...
+    def ingest(
+        self, documents: Sequence[DocumentLike], collection: str | None = None, wait: bool = True
+    ) -> IngestResponse | Operation:
+        """Store documents; `wait=False` returns the `Operation` to poll (see `_ingest`)."""
+        result: IngestResponse | Operation = self._send(_ingest(documents, collection, wait))
+        return result
+
+    def wait_operation(
+        self, operation: Operation | str, timeout: float = 600.0, interval: float = 0.5
+    ) -> Operation:
+        """Poll a write until it lands (`done`); raises its error if it failed or was
+        cancelled, QAServeTimeout if it is still running after `timeout` seconds."""
+        op_id = operation if isinstance(operation, str) else operation.id
+        deadline = time.monotonic() + timeout
+        while True:
+            op = self.operation(op_id)
+            if _finished(op) is not None:
+                return op
+            if time.monotonic() > deadline:
+                raise _wait_expired(op, timeout)
+            time.sleep(interval)
 
     def __enter__(self) -> Client:
         return self
@@ -499,7 +561,7 @@ class Client:
 class AsyncClient:
     """The same methods as `Client`, awaitable; streams are async iterators."""
 
-    ingest = _async(_ingest)
+    operation = _async(_operation)
     get_document = _async(_get_document)
     delete_document = _async(_delete_document)
     retrieve = _async(_retrieve)
@@ -528,6 +590,38 @@ class AsyncClient:
             timeout=timeout,
             transport=transport,
         )
+
+    @overload
+    async def ingest(
+        self,
+        documents: Sequence[DocumentLike],
+        collection: str | None = None,
+        wait: Literal[True] = True,
+    ) -> IngestResponse: ...
+    @overload
+    async def ingest(
+        self, documents: Sequence[DocumentLike], collection: str | None = None, *, wait: bool
+    ) -> IngestResponse | Operation: ...
+    async def ingest(
+        self, documents: Sequence[DocumentLike], collection: str | None = None, wait: bool = True
+    ) -> IngestResponse | Operation:
+        """As `Client.ingest`."""
+        result: IngestResponse | Operation = await self._send(_ingest(documents, collection, wait))
+        return result
+
+    async def wait_operation(
+        self, operation: Operation | str, timeout: float = 600.0, interval: float = 0.5
+    ) -> Operation:
+        """As `Client.wait_operation`."""
+        op_id = operation if isinstance(operation, str) else operation.id
+        deadline = time.monotonic() + timeout
+        while True:
+            op = await self.operation(op_id)
+            if _finished(op) is not None:
+                return op
+            if time.monotonic() > deadline:
+                raise _wait_expired(op, timeout)
+            await asyncio.sleep(interval)
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -65,6 +65,13 @@ class ValidationError(QAServeHTTPError):
     status = 422
 
 
+class RateLimited(QAServeHTTPError):
+    """Over the key's rate limit: `retry_after` seconds until a request passes (the SDK's
+    Retry waits that long for idempotent calls, as for 503)."""
+
+    status = 429
+
+
 class ServerError(QAServeHTTPError):
     status = 500
 
@@ -89,6 +96,7 @@ ERROR_TYPES: dict[str, int] = {
     "payload_too_large": 413,
     "unsupported_media_type": 415,
     "validation_error": 422,
+    "rate_limited": 429,
     "internal_error": 500,
     "config_error": 500,
     "overloaded": 503,
@@ -104,6 +112,7 @@ _BY_STATUS: dict[int, type[QAServeHTTPError]] = {
         NotFound,
         PayloadTooLarge,
         ValidationError,
+        RateLimited,
         ServerError,
         Overloaded,
         StageTimeout,

@@ -7,24 +7,46 @@ The server owns the defaults of model settings: an optional field left unset (nu
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import NoneType, UnionType
+from typing import Annotated, Any, Literal, Self, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetJsonSchemaHandler,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, InitErrorDetails, PydanticCustomError
 
-Scalar = str | int | float | bool
-FilterValue = Scalar | list[Scalar]
-Filters = dict[str, FilterValue]
-
-RetrievalMode = Literal["dense", "sparse", "hybrid"]
-QueryMode = Literal["extractive", "generative", "ensemble"]
-
-MAX_TOP_K = 100
-MAX_QUESTION_CHARS = 2_000
+# --- field rules, enforced and documented alike -------------------------------------------
 
 
-class _Strict(BaseModel):
-    # Unknown fields are an error: a typo in a field name must not be silently ignored.
-    model_config = ConfigDict(extra="forbid")
+@dataclass(frozen=True, eq=False)  # hashed by identity: typing hashes Annotated metadata
+class _Documented:
+    """JSON Schema keywords for a rule that a validator enforces: the OpenAPI document states
+    the rule (clients and schemathesis see it), the validator keeps its plain message."""
+
+    keywords: Mapping[str, Any]
+
+    def __get_pydantic_json_schema__(
+        self, schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return {**handler(schema), **self.keywords}
+
+
+# Python's whitespace (str.isspace, what str.strip removes) spelled out, not `\s`: `\s` means
+# other characters in JSON Schema's regex dialect (ECMA-262: U+FEFF, not U+001C-U+001F) and in
+# Rust's. Spelled out, the documented pattern and the server's check agree on every character.
+_SPACES = r"\t-\r\x1c- \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+NON_BLANK = f"[^{_SPACES}]"  # unanchored: "has a character that is not whitespace"
 
 
 def _non_blank(value: str) -> str:
@@ -34,12 +56,136 @@ def _non_blank(value: str) -> str:
     return value
 
 
+# A text that must say something: stripped, refused (422) when nothing is left.
+NonBlank = Annotated[
+    str, AfterValidator(_non_blank), _Documented({"minLength": 1, "pattern": NON_BLANK})
+]
+
+COLLECTION_PATTERN = r"^[A-Za-z0-9_\-]+$"
+MAX_COLLECTION_CHARS = 64
+# The store's rule for a collection name (it names a folder), checked at the edge.
+Collection = Annotated[
+    str, Field(min_length=1, max_length=MAX_COLLECTION_CHARS, pattern=COLLECTION_PATTERN)
+]
+
+Scalar = str | int | float | bool
+FilterValue = Scalar | Annotated[list[Scalar], _Documented({"minItems": 1})]
+# A key names a metadata field in the store's filter syntax, where quotes cannot be escaped.
+Filters = dict[
+    Annotated[str, _Documented({"minLength": 1, "not": {"pattern": r'["\\]'}})], FilterValue
+]
+
+RetrievalMode = Literal["dense", "sparse", "hybrid"]
+QueryMode = Literal["extractive", "generative", "ensemble"]
+
+MAX_TOP_K = 100
+MAX_QUESTION_CHARS = 2_000
+
+
+# --- requests as JSON carries them ---------------------------------------------------------
+
+
+def _not_json(value: Any, loc: tuple[str | int, ...]) -> tuple[tuple[str | int, ...], str] | None:
+    """The first value in `value` (a field's: strings, numbers, lists, dicts) that JSON text
+    cannot hold although Python's decoder lets it in, with its location and what is wrong
+    with it; None when there is none."""
+    if isinstance(value, float):
+        return (
+            None
+            if math.isfinite(value)
+            else (loc, "not a finite number (JSON has no NaN or Infinity)")
+        )
+    if isinstance(value, str):
+        if value.isascii():
+            return None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return loc, f"not valid Unicode text: a lone surrogate at character {exc.start}"
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if _not_json(key, loc) is not None:
+                return loc, "a key is not valid Unicode text (it holds a lone surrogate)"
+            found = _not_json(item, (*loc, key))
+            if found is not None:
+                return found
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            found = _not_json(item, (*loc, i))
+            if found is not None:
+                return found
+    return None
+
+
+def field_error(
+    model: type[BaseModel], loc: tuple[str | int, ...], message: str
+) -> ValidationError:
+    """A model validator's error located at a field (a plain ValueError would name none)."""
+    error = InitErrorDetails(type=PydanticCustomError("value_error", message), loc=loc, input=None)
+    return ValidationError.from_exception_data(model.__name__, [error])
+
+
+_JSON_TYPES = {bool: "boolean", int: "integer", float: "number"}
+
+
+def _json_type(annotation: Any) -> type | None:
+    """bool, int or float for a field of that type (or None); None for any other field."""
+    if get_origin(annotation) in (Union, UnionType):
+        kinds = set(get_args(annotation)) - {NoneType}
+        annotation = kinds.pop() if len(kinds) == 1 else None
+    return annotation if annotation in _JSON_TYPES else None
+
+
+class JsonRequest(BaseModel):
+    """A request as JSON says it: numbers and booleans of their JSON type, strings of text.
+
+    Pydantic's lax mode would read "5" or true as the integer 5 or 1 and 0 as false, which
+    the OpenAPI document (JSON Schema) calls invalid: such values are refused. 5.0 stays an
+    integer (JSON Schema agrees). Internal callers' values (numpy numbers) pass as before.
+
+    JSON can spell a lone surrogate ("\\ud800"); Python decodes it into a str that no UTF-8
+    encoder accepts, so the tokenizers, the store and the JSON encoder would fail on it later
+    (a 500). Python's decoder also reads NaN and Infinity, which JSON has not (and a response
+    cannot carry). Both refused here instead: 422 naming the field. Nested models check
+    themselves.
+    """
+
+    @model_validator(mode="before")
+    @classmethod
+    def _json_types(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        for name, field in cls.model_fields.items():
+            kind, value = _json_type(field.annotation), data.get(name)
+            if kind is None or value is None:
+                continue
+            if isinstance(value, str | bytes) or isinstance(value, bool) != (kind is bool):
+                raise field_error(cls, (name,), f"Input should be a valid {_JSON_TYPES[kind]}")
+        return data
+
+    @model_validator(mode="after")
+    def _json_values(self) -> Self:
+        for name in type(self).model_fields:
+            found = _not_json(getattr(self, name), (name,))
+            if found is not None:
+                raise field_error(type(self), *found)
+        return self
+
+
+class _Strict(JsonRequest):
+    # Unknown fields are an error: a typo in a field name must not be silently ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
 def _check_filters(value: Filters | None) -> Filters | None:
     if value is None:
         return None
     for key, v in value.items():
         if not key:
             raise ValueError("filter keys must not be empty")
+        if '"' in key or "\\" in key:
+            raise ValueError(f"filter {key!r}: a key may not hold quotes or backslashes")
         if isinstance(v, list):
             if not v:
                 raise ValueError(f"filter {key!r}: the list of accepted values is empty")
@@ -54,14 +200,14 @@ def _check_filters(value: Filters | None) -> Filters | None:
 
 class DocumentIn(_Strict):
     id: str | None = Field(None, min_length=1, max_length=256)
-    text: str = Field(..., description="The document's text; long texts are split into passages.")
+    text: NonBlank = Field(
+        ..., description="The document's text; long texts are split into passages."
+    )
     meta: dict[str, Scalar | list[Scalar] | None] = Field(default_factory=dict)
-
-    _text = field_validator("text")(_non_blank)
 
 
 class IngestRequest(_Strict):
-    collection: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")
+    collection: Collection | None = None
     documents: list[DocumentIn] = Field(..., min_length=1)
 
 
@@ -80,13 +226,12 @@ class DocumentOut(BaseModel):
 
 
 class RetrieveRequest(_Strict):
-    query: str = Field(..., max_length=MAX_QUESTION_CHARS)
+    query: NonBlank = Field(..., max_length=MAX_QUESTION_CHARS)
     top_k: int = Field(5, ge=1, le=MAX_TOP_K)
     filters: Filters | None = None
-    collection: str | None = None
+    collection: Collection | None = None
     retrieval: RetrievalMode = "dense"
 
-    _query = field_validator("query")(_non_blank)
     _filters = field_validator("filters")(_check_filters)
 
 
@@ -107,22 +252,18 @@ class RetrieveResponse(BaseModel):
 
 class ReadDocument(_Strict):
     id: str | None = None
-    text: str
+    text: NonBlank
     score: float | None = None
-
-    _text = field_validator("text")(_non_blank)
 
 
 class ReadRequest(_Strict):
-    question: str = Field(..., max_length=MAX_QUESTION_CHARS)
+    question: NonBlank = Field(..., max_length=MAX_QUESTION_CHARS)
     documents: list[ReadDocument] = Field(..., min_length=1, max_length=MAX_TOP_K)
     top_k: int = Field(3, ge=1, le=MAX_TOP_K)
     max_answer_len: int | None = Field(
         None, ge=1, le=512, description="In tokens, as in transformers; unset: the server's."
     )
     handle_impossible_answer: bool = False
-
-    _question = field_validator("question")(_non_blank)
 
 
 class Answer(BaseModel):
@@ -161,13 +302,11 @@ def _num_beams() -> Any:
 
 
 class GenerateRequest(_Strict):
-    question: str = Field(..., max_length=MAX_QUESTION_CHARS)
+    question: NonBlank = Field(..., max_length=MAX_QUESTION_CHARS)
     documents: list[ReadDocument] = Field(..., min_length=1, max_length=MAX_GENERATOR_DOCUMENTS)
     max_new_tokens: int | None = _max_new_tokens()
     num_beams: int | None = _num_beams()
     stream: bool = False
-
-    _question = field_validator("question")(_non_blank)
 
 
 class GeneratedToken(BaseModel):
@@ -192,11 +331,22 @@ class GenerateResponse(BaseModel):
 
 
 class QueryRequest(_Strict):
-    question: str = Field(..., max_length=MAX_QUESTION_CHARS)
+    # _generator_documents, stated for clients: more than MAX_GENERATOR_DOCUMENTS documents
+    # only in extractive mode (the mode's default, ensemble, generates).
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"properties": {"mode": {"const": "extractive"}}, "required": ["mode"]},
+                {"properties": {"top_k_retriever": {"maximum": MAX_GENERATOR_DOCUMENTS}}},
+            ]
+        }
+    )
+
+    question: NonBlank = Field(..., max_length=MAX_QUESTION_CHARS)
     top_k_retriever: int = Field(5, ge=1, le=MAX_TOP_K)
     top_k_reader: int = Field(3, ge=1, le=MAX_TOP_K)
     filters: Filters | None = None
-    collection: str | None = None
+    collection: Collection | None = None
     mode: QueryMode = "ensemble"
     retrieval: RetrievalMode = "dense"
     max_answer_len: int | None = Field(
@@ -206,15 +356,16 @@ class QueryRequest(_Strict):
     num_beams: int | None = _num_beams()
     stream: bool = False
 
-    _question = field_validator("question")(_non_blank)
     _filters = field_validator("filters")(_check_filters)
 
     @model_validator(mode="after")
     def _generator_documents(self) -> QueryRequest:
         if self.mode != "extractive" and self.top_k_retriever > MAX_GENERATOR_DOCUMENTS:
-            raise ValueError(
-                f"top_k_retriever: the generator reads at most {MAX_GENERATOR_DOCUMENTS} "
-                f"documents (mode {self.mode!r})"
+            raise field_error(
+                type(self),
+                ("top_k_retriever",),
+                f"the generator reads at most {MAX_GENERATOR_DOCUMENTS} documents "
+                f"(mode {self.mode!r})",
             )
         return self
 
@@ -262,6 +413,35 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+# --- write operations --------------------------------------------------------------------
+
+OperationStatus = Literal["queued", "running", "done", "failed", "cancelled"]
+OPERATION_FINISHED = ("done", "failed", "cancelled")
+
+
+class OperationProgress(BaseModel):
+    embedded: int = Field(0, description="Passages embedded so far.")
+    passages: int = Field(0, description="Passages the write splits into.")
+
+
+class Operation(BaseModel):
+    """A write in progress or finished (`POST /v1/documents?wait=false`): poll it at
+    `GET /v1/operations/{id}`. `cancelled` means stopped before its commit: nothing written."""
+
+    id: str
+    kind: Literal["ingest"] = "ingest"
+    status: OperationStatus
+    progress: OperationProgress = Field(default_factory=OperationProgress)
+    result: IngestResponse | None = Field(None, description="Once `done`.")
+    error: ErrorDetail | None = Field(None, description="Once `failed` or `cancelled`.")
+    created_at: float = Field(..., description="Unix time the write was accepted.")
+    finished_at: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in OPERATION_FINISHED
 
 
 TopK = Annotated[int, Field(ge=1, le=MAX_TOP_K)]

@@ -24,6 +24,7 @@ from typing import Any, Literal, cast
 
 import torch
 
+from qaserve.cancel import CancelToken, check
 from qaserve.config import EngineConfig, GeneratorConfig
 from qaserve.deployments.prior import document_prior, generate_response
 from qaserve.errors import BadRequest, ConfigError
@@ -38,6 +39,11 @@ SYSTEM_PROMPT = (
 # which are not always its config's eos_token_id.
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 _LENGTH_PENALTY = 1.0  # beam scores are sum(log p) / len ** penalty, as transformers does
+# Prompt tokens (rows x columns) per forward pass of the prompt: 20 documents' prompts in one
+# pass hold a core for tens of seconds, and a cancelled request can only stop between passes.
+# 512 tokens are ~1.2 s of one core for SmolLM2-135M; the split costs ~1 % more CPU than one
+# pass over 5 x 300 tokens (256: ~4 %).
+PREFILL_TOKENS = 512
 
 
 # --- model location and GGUF metadata -------------------------------------------------------
@@ -182,7 +188,8 @@ def _cache_kwarg(model: Any) -> str:
 class _Session:
     """k (or beams x k) sequences decoded together; each step returns next-token log-probs."""
 
-    def first(self) -> torch.Tensor:
+    def first(self, cancel: CancelToken | None = None) -> torch.Tensor:
+        """The prompt's pass (in parts of at most PREFILL_TOKENS, `cancel` checked between)."""
         raise NotImplementedError
 
     def step(self, tokens: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -191,10 +198,18 @@ class _Session:
 
 
 class _CausalSession(_Session):
-    def __init__(self, model: Any, prompts: list[list[int]], pad_id: int, device: str) -> None:
+    def __init__(
+        self,
+        model: Any,
+        prompts: list[list[int]],
+        pad_id: int,
+        device: str,
+        prefill_tokens: int = PREFILL_TOKENS,
+    ) -> None:
         from transformers import DynamicCache
 
         self.model = model
+        self.prefill_tokens = prefill_tokens
         width = max(len(p) for p in prompts)
         # Left padding: every row's next token then sits in the same (last) column.
         ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -219,9 +234,22 @@ class _CausalSession(_Session):
         )
         return torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
 
-    def first(self) -> torch.Tensor:
+    def first(self, cancel: CancelToken | None = None) -> torch.Tensor:
+        """The prompt in column chunks over all rows (the cache fills in place), so a pass
+        costs at most `prefill_tokens` tokens; a short prompt is one pass."""
         positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
-        return self._forward(self.ids, positions)
+        rows, width = self.ids.shape
+        columns = max(1, self.prefill_tokens // rows)
+        full_mask = self.mask
+        try:
+            for start in range(0, width, columns):
+                check(cancel)
+                end = min(start + columns, width)
+                self.mask = full_mask[:, :end]
+                logprobs = self._forward(self.ids[:, start:end], positions[:, start:end])
+        finally:
+            self.mask = full_mask
+        return logprobs
 
     def step(self, tokens: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         if rows is not None:
@@ -235,7 +263,14 @@ class _CausalSession(_Session):
 
 class _Seq2SeqSession(_Session):
     def __init__(
-        self, model: Any, inputs: list[list[int]], pad_id: int, start_id: int, device: str
+        self,
+        model: Any,
+        inputs: list[list[int]],
+        pad_id: int,
+        start_id: int,
+        device: str,
+        prefill_tokens: int = PREFILL_TOKENS,
+        cancel: CancelToken | None = None,
     ) -> None:
         from transformers import DynamicCache, EncoderDecoderCache
 
@@ -247,7 +282,16 @@ class _Seq2SeqSession(_Session):
             ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
             mask[i, : len(p)] = 1
         self.mask = mask.to(device)
-        self.encoded = model.get_encoder()(input_ids=ids.to(device), attention_mask=self.mask)
+        ids = ids.to(device)
+        # The encoder is bidirectional: it is split by rows (documents), not columns.
+        rows = max(1, prefill_tokens // width)
+        parts = []
+        for start in range(0, len(inputs), rows):
+            check(cancel)
+            part = slice(start, start + rows)
+            parts.append(model.get_encoder()(input_ids=ids[part], attention_mask=self.mask[part]))
+        hidden = torch.cat([p.last_hidden_state for p in parts])
+        self.encoded = type(parts[0])(last_hidden_state=hidden)
         self.start = torch.full((len(inputs),), start_id, dtype=torch.long, device=device)
         self.cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         self._cache_name = _cache_kwarg(model)
@@ -262,7 +306,8 @@ class _Seq2SeqSession(_Session):
         )
         return torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
 
-    def first(self) -> torch.Tensor:
+    def first(self, cancel: CancelToken | None = None) -> torch.Tensor:
+        check(cancel)
         return self._forward(self.start)
 
     def step(self, tokens: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -304,6 +349,7 @@ class RagTokenGenerator:
     """RAG-Token generator over a causal LM or a seq2seq model; one instance per replica."""
 
     stage = "generator"
+    prefill_tokens = PREFILL_TOKENS  # prompt tokens per forward pass (see PREFILL_TOKENS)
 
     def __init__(self, cfg: GeneratorConfig, threads: int | None = None) -> None:
         from transformers import (
@@ -369,9 +415,11 @@ class RagTokenGenerator:
         documents: list[ReadDocument],
         max_new_tokens: int | None = None,
         num_beams: int | None = None,
+        cancel: CancelToken | None = None,
     ) -> GenerateResponse:
-        """Greedy (num_beams=1) or beam search over the marginal; returns the best sequence."""
-        tokens = list(self.stream(question, documents, max_new_tokens, num_beams))
+        """Greedy (num_beams=1) or beam search over the marginal; returns the best sequence.
+        A set `cancel` stops the work at the next pass (qaserve.cancel)."""
+        tokens = list(self.stream(question, documents, max_new_tokens, num_beams, cancel))
         return generate_response(tokens, documents)
 
     def stream(
@@ -380,24 +428,26 @@ class RagTokenGenerator:
         documents: list[ReadDocument],
         max_new_tokens: int | None = None,
         num_beams: int | None = None,
+        cancel: CancelToken | None = None,
     ) -> Iterator[GeneratedToken]:
         """The tokens as soon as they are chosen: each one greedily, or, with beams > 1, all
         of them when the beam search ends (so a stream answers what `generate` answers).
 
         Not a generator function itself: a bad request raises here, before a server has
         started a streamed response; the forward passes run as the tokens are pulled.
+        `cancel` is checked before every forward pass; once set, `Cancelled` ends the work.
         """
         beams = self.cfg.num_beams if num_beams is None else num_beams
         if beams < 1:
             raise BadRequest("num_beams must be at least 1", "num_beams")
         log_prior = self.log_prior(documents)
-        session, steps = self._start(question, documents, max_new_tokens)
+        session, steps = self._start(question, documents, max_new_tokens, cancel)
         if beams > 1:
-            return self._beam_tokens(session, log_prior, steps, beams, documents)
+            return self._beam_tokens(session, log_prior, steps, beams, documents, cancel)
         text = TextStream(self.tokenizer)
         return (
             self._token(choice, text, documents)
-            for choice in self._greedy(session, log_prior, steps)
+            for choice in self._greedy(session, log_prior, steps, cancel)
         )
 
     def _beam_tokens(
@@ -407,8 +457,10 @@ class RagTokenGenerator:
         steps: int,
         beams: int,
         documents: list[ReadDocument],
+        cancel: CancelToken | None = None,
     ) -> Iterator[GeneratedToken]:
-        yield from self._to_tokens(self._beam_search(session, log_prior, steps, beams), documents)
+        choices = self._beam_search(session, log_prior, steps, beams, cancel)
+        yield from self._to_tokens(choices, documents)
 
     def log_prior(self, documents: Sequence[ReadDocument]) -> torch.Tensor:
         """log p(z|x) (qaserve.deployments.prior)."""
@@ -461,27 +513,45 @@ class RagTokenGenerator:
         return text[: enc["offset_mapping"][limit - 1][1]]
 
     def _start(
-        self, question: str, documents: Sequence[ReadDocument], max_new_tokens: int | None
+        self,
+        question: str,
+        documents: Sequence[ReadDocument],
+        max_new_tokens: int | None,
+        cancel: CancelToken | None = None,
     ) -> tuple[_Session, int]:
         steps = self.cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
         if steps < 1:
             raise BadRequest("max_new_tokens must be at least 1", "max_new_tokens")
         inputs = self.encode(question, documents)
+        check(cancel)
         with torch.inference_mode():
             if self.kind == "seq2seq":
                 start = self._decoder_start_id()
-                return _Seq2SeqSession(self.model, inputs, self.pad_id, start, self.device), steps
-            return _CausalSession(self.model, inputs, self.pad_id, self.device), steps
+                session: _Session = _Seq2SeqSession(
+                    self.model, inputs, self.pad_id, start, self.device, self.prefill_tokens, cancel
+                )
+            else:
+                session = _CausalSession(
+                    self.model, inputs, self.pad_id, self.device, self.prefill_tokens
+                )
+        return session, steps
 
-    def _greedy(self, session: _Session, log_prior: torch.Tensor, steps: int) -> Iterator[_Choice]:
+    def _greedy(
+        self,
+        session: _Session,
+        log_prior: torch.Tensor,
+        steps: int,
+        cancel: CancelToken | None = None,
+    ) -> Iterator[_Choice]:
         k = log_prior.numel()
         log_prior = log_prior.to(self.device)
         token = torch.zeros((), dtype=torch.long)
         for t in range(steps):
+            check(cancel)
             # inference_mode per step, not around the yield: the caller's code between
             # tokens must not run inside it.
             with torch.inference_mode():
-                logprobs = session.first() if t == 0 else session.step(token.expand(k))
+                logprobs = session.first(cancel) if t == 0 else session.step(token.expand(k))
                 marginal, joint = marginalise(logprobs, log_prior)
                 token = marginal[0].argmax()
                 choice = _Choice(
@@ -494,7 +564,12 @@ class RagTokenGenerator:
             yield choice
 
     def _beam_search(
-        self, session: _Session, log_prior: torch.Tensor, steps: int, num_beams: int
+        self,
+        session: _Session,
+        log_prior: torch.Tensor,
+        steps: int,
+        num_beams: int,
+        cancel: CancelToken | None = None,
     ) -> list[_Choice]:
         """Beam search on the marginal; beams x documents decode as one batch.
 
@@ -507,7 +582,7 @@ class RagTokenGenerator:
         running = [_Hypothesis()]
         finished: list[tuple[float, _Hypothesis]] = []
         with torch.inference_mode():
-            logprobs = session.first()
+            logprobs = session.first(cancel)
             for t in range(steps):
                 marginal, joint = marginalise(logprobs, log_prior)
                 scores = torch.tensor([h.score for h in running], device=self.device)
@@ -547,6 +622,7 @@ class RagTokenGenerator:
                 beams = torch.tensor([b for b, _ in survivors], device=self.device)
                 rows = (beams[:, None] * k + arange_k).view(-1)
                 tokens = torch.tensor([tok for _, tok in survivors], device=self.device)
+                check(cancel)
                 logprobs = session.step(tokens.repeat_interleave(k), rows)
         finished += [(h.normalised(len(h.choices)), h) for h in running]
         return max(finished, key=lambda pair: pair[0])[1].choices

@@ -1,13 +1,17 @@
-"""The generator's thin Ray Serve deployment (the work is `RagTokenGenerator`)."""
+"""The generator's thin Ray Serve deployment (the work is `RagTokenGenerator`).
+
+A request Ray Serve cancels (the caller's timeout, an HTTP client gone) cancels the task
+awaiting the generation; its token (qaserve.cancel) then stops the decoding at the next pass.
+"""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
 
+from qaserve.cancel import CancelToken, run_cancellable
 from qaserve.deployments.replica import build_replica_stage
 from qaserve.threads import iterate_blocking
 from qaserve_client.schema import GeneratedToken, GenerateRequest, GenerateResponse, ModelInfo
@@ -21,20 +25,29 @@ class GeneratorDeployment:
         self.generator = build_replica_stage(engine, "generator", replica)
 
     async def generate(self, request: GenerateRequest) -> GenerateResponse:
-        return await asyncio.to_thread(
-            self.generator.generate,
-            request.question,
-            request.documents,
-            request.max_new_tokens,
-            request.num_beams,
+        return await run_cancellable(
+            lambda cancel: self.generator.generate(
+                request.question,
+                request.documents,
+                request.max_new_tokens,
+                request.num_beams,
+                cancel,
+            )
         )
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[GeneratedToken]:
         """Tokens as they are decided; a cancelled call stops the decoding."""
+        cancel = CancelToken()
         tokens = iterate_blocking(
             lambda: self.generator.stream(
-                request.question, request.documents, request.max_new_tokens, request.num_beams
-            )
+                request.question,
+                request.documents,
+                request.max_new_tokens,
+                request.num_beams,
+                cancel,
+            ),
+            None,
+            cancel,
         )
         try:
             async for token in tokens:

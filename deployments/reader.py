@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from qaserve.cancel import CancelToken, check
 from qaserve.config import EngineConfig, ReaderConfig
 from qaserve.deployments.onnx_export import ONNX_NAME, export_reader, read_export_meta
 from qaserve.errors import BadRequest, ConfigError
@@ -84,15 +85,19 @@ class Reader:
         top_k: int = 3,
         max_answer_len: int | None = None,
         handle_impossible_answer: bool = False,
+        cancel: CancelToken | None = None,
     ) -> ReadResponse:
         if max_answer_len is None:
             max_answer_len = self.cfg.max_answer_len
         job = _Job(question, list(documents), top_k, max_answer_len, handle_impossible_answer)
-        return self._run([job])[0]
+        return self._run([job], cancel)[0]
 
-    def read_batch(self, requests: Sequence[Any]) -> list[ReadResponse]:
-        """Several ReadRequest-like objects (or dicts) with all their windows in one run."""
-        return self._run([self._job(r) for r in requests])
+    def read_batch(
+        self, requests: Sequence[Any], cancel: CancelToken | None = None
+    ) -> list[ReadResponse]:
+        """Several ReadRequest-like objects (or dicts) with all their windows in one run.
+        A set `cancel` stops the work before the next session run (qaserve.cancel)."""
+        return self._run([self._job(r) for r in requests], cancel)
 
     def info(self) -> ModelInfo:
         size = (self.folder / ONNX_NAME).stat().st_size / 2**20
@@ -197,7 +202,7 @@ class Reader:
             bool(get("handle_impossible_answer", False)),
         )
 
-    def _run(self, jobs: list[_Job]) -> list[ReadResponse]:
+    def _run(self, jobs: list[_Job], cancel: CancelToken | None = None) -> list[ReadResponse]:
         pairs: list[tuple[str, str]] = []
         owners: list[tuple[int, int]] = []
         for j, job in enumerate(jobs):
@@ -214,7 +219,7 @@ class Reader:
         if pairs:
             for (j, d), enc in zip(owners, self.tokenizer.encode_batch(pairs), strict=True):
                 windows.extend(_Window(j, d, e) for e in (enc, *enc.overflowing))
-        starts, ends = self._logits(windows)
+        starts, ends = self._logits(windows, cancel)
         rows: list[list[int]] = [[] for _ in jobs]
         for i, w in enumerate(windows):
             rows[w.job].append(i)
@@ -227,13 +232,17 @@ class Reader:
             return question
         return question[: enc.offsets[limit - 1][1]]
 
-    def _logits(self, windows: list[_Window]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Start/end logits per window (unpadded), in as few session runs as the cap allows."""
+    def _logits(
+        self, windows: list[_Window], cancel: CancelToken | None = None
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Start/end logits per window (unpadded), in as few session runs as the cap allows;
+        `cancel` is checked before each run."""
         starts: list[np.ndarray] = [np.empty(0, np.float32)] * len(windows)
         ends: list[np.ndarray] = [np.empty(0, np.float32)] * len(windows)
         # Longest first, so a capped chunk pads little.
         order = sorted(range(len(windows)), key=lambda i: -len(windows[i].encoding.ids))
         for c in range(0, len(order), self.max_batch_windows):
+            check(cancel)
             chunk = order[c : c + self.max_batch_windows]
             encs = [windows[i].encoding for i in chunk]
             width = max(len(e.ids) for e in encs)

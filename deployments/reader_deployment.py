@@ -1,4 +1,8 @@
-"""The reader's thin Ray Serve deployment (the work is `qaserve.deployments.reader.Reader`)."""
+"""The reader's thin Ray Serve deployment (the work is `qaserve.deployments.reader.Reader`).
+
+A request Ray Serve cancels (the caller's timeout, an HTTP client gone) cancels the task
+awaiting the read; its token (qaserve.cancel) then stops the reader's thread between runs.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from typing import Any
 
 from ray import serve
 
+from qaserve.cancel import AllCancelled, CancelToken, run_cancellable
 from qaserve.deployments.replica import batch_histogram, build_replica_stage, configure_batch
 from qaserve_client.schema import ModelInfo, ReadRequest, ReadResponse
 
@@ -21,15 +26,25 @@ class ReaderDeployment:
         self.batched = configure_batch(self._read_batch, replica)
 
     async def read(self, request: ReadRequest) -> ReadResponse:
-        if self.batched:
-            return await self._read_batch(request)
-        return (await asyncio.to_thread(self.reader.read_batch, [request]))[0]
+        if not self.batched:
+            return await run_cancellable(
+                lambda cancel: self.reader.read_batch([request], cancel)[0]
+            )
+        cancel = CancelToken()
+        try:
+            return await self._read_batch((request, cancel))
+        except asyncio.CancelledError:
+            cancel.cancel()
+            raise
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _read_batch(self, requests: list[ReadRequest]) -> list[ReadResponse]:
-        """The windows of concurrent requests go through one ONNX Runtime run."""
-        self.batch_sizes.observe(len(requests))
-        return await asyncio.to_thread(self.reader.read_batch, requests)
+    async def _read_batch(self, calls: list[tuple[ReadRequest, CancelToken]]) -> list[ReadResponse]:
+        """The windows of concurrent requests go through one ONNX Runtime run, which stops
+        once none of its callers waits any more."""
+        self.batch_sizes.observe(len(calls))
+        requests = [request for request, _ in calls]
+        cancel = AllCancelled([token for _, token in calls])
+        return await asyncio.to_thread(self.reader.read_batch, requests, cancel)
 
     def info(self) -> ModelInfo:
         return self.reader.info()

@@ -148,6 +148,23 @@ def _batches(items: list[Any], size: int = WRITE_BATCH) -> Iterator[list[Any]]:
         yield items[i : i + size]
 
 
+def _document_groups(
+    docs: list[tuple[SplitDocument, list[Any]]], size: int
+) -> Iterator[list[tuple[SplitDocument, list[Any]]]]:
+    """(document, points) pairs in groups of at most `size` points, never splitting one
+    document (a longer one is a group of its own, the only one a cut can leave mixed)."""
+    group: list[tuple[SplitDocument, list[Any]]] = []
+    count = 0
+    for doc, points in docs:
+        if group and count + len(points) > size:
+            yield group
+            group, count = [], 0
+        group.append((doc, points))
+        count += len(points)
+    if group:
+        yield group
+
+
 class Bm25Encoder:
     """Qdrant's BM25 (tokenise, stem, drop stop words, TF saturation); IDF is the store's."""
 
@@ -324,8 +341,9 @@ class _QdrantStore(ABC):
         m = self._m
         _check_vectors(docs, vectors, self.dim)
         docs, vectors = _last_wins(docs, vectors)
-        points = []
+        per_doc: list[list[Any]] = []
         for doc, vec in zip(docs, vectors, strict=True):
+            points = []
             for p, v in zip(doc.passages, vec, strict=True):
                 idx, val = self._bm25.document(p.text)
                 named: dict[str, Any] = {DENSE: v.astype(np.float32).tolist()}
@@ -333,18 +351,24 @@ class _QdrantStore(ABC):
                     named[SPARSE] = m.SparseVector(indices=idx, values=val)
                 pid = point_id(doc.id, p.number)
                 points.append(m.Point(id=pid, vector=named, payload=_payload(doc, p)))
+            per_doc.append(points)
         self._open(create=True)
         with self._lock:
             found = self._retrieve([point_id(d.id, 0) for d in docs], ["doc_id"])
             existed = {r.payload["doc_id"] for r in found if r.payload}
-            for batch in _batches(points):
-                self._upsert_points(batch)
-            for doc in docs:
-                if doc.id in existed:  # drop passages beyond the new length
-                    stale = m.FieldCondition(key="passage", range=m.Range(gte=len(doc.passages)))
-                    self._delete_where(m.Filter(must=[self._match("doc_id", doc.id), stale]))
+            # Whole documents per request, each followed by its stale passages' deletion: a
+            # commit cut short (an error, a crash) leaves every document old or new, not mixed.
+            for group in _document_groups(list(zip(docs, per_doc, strict=True)), WRITE_BATCH):
+                for batch in _batches([p for _, points in group for p in points], WRITE_BATCH):
+                    self._upsert_points(batch)  # more than one only for one long document
+                for doc, _ in group:
+                    if doc.id in existed:  # drop passages beyond the new length
+                        stale = m.FieldCondition(
+                            key="passage", range=m.Range(gte=len(doc.passages))
+                        )
+                        self._delete_where(m.Filter(must=[self._match("doc_id", doc.id), stale]))
             self._flush()
-        return len(points)
+        return sum(len(points) for points in per_doc)
 
     def get(self, doc_id: str) -> DocumentOut:
         records = self._retrieve([point_id(doc_id, 0)], True) if self._open(create=False) else []

@@ -355,6 +355,7 @@ def _extensions() -> list[Callable[[Any], None]]:
         "qaserve.offline.train_reader",
         "qaserve.offline.evaluate",
         "qaserve.offline.bench",
+        "qaserve.offline.drills",
         "qaserve.runtime.cluster",
         "qaserve.loadtests.run",
     ):
@@ -378,8 +379,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qaserve: error: {exc.message}", file=sys.stderr)
         return 2 if exc.status < 500 else 1
     except Exception as exc:
+        from pydantic import ValidationError
+
+        from qaserve.config import describe_invalid
         from qaserve_client.errors import QAServeConnectionError, QAServeHTTPError
 
+        if isinstance(exc, ValidationError):  # a bad config: its field, never its value
+            print(f"qaserve: error: invalid {exc.title}: {describe_invalid(exc)}", file=sys.stderr)
+            return 2
         if isinstance(exc, QAServeHTTPError):
             print(f"qaserve: error: {exc.status} {exc.type}: {exc.message}", file=sys.stderr)
             return 2 if exc.status < 500 else 1

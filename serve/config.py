@@ -6,11 +6,24 @@ that ship inside PyPI packages (or in this repository) so that nothing is downlo
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
+
+from qaserve.limits import LimitsConfig
 
 REPO_ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_READER_DIR = REPO_ASSETS / "reader"
@@ -79,6 +92,19 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
             node = node.setdefault(part, {})
         node[parts[-1]] = value
     return data
+
+
+def describe_invalid(exc: ValidationError) -> str:
+    """A validation error as one line: the first problem's dotted field and message, without
+    the input (which may be a key)."""
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
+    if not errors:
+        return "invalid value"
+    first = errors[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    text = str(first["msg"]).removeprefix("Value error, ")
+    more = len(errors) - 1
+    return (f"{loc}: {text}" if loc else text) + (f" (and {more} more)" if more else "")
 
 
 class _Cfg(BaseModel):
@@ -203,15 +229,53 @@ class EngineConfig(_Cfg):
 # --- HTTP server -------------------------------------------------------------------------
 
 
+KEY_DIGEST = "sha256:"
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+def key_digest(key: str) -> str:
+    """A key as the server keeps and ships it: Serve's deployment args (and so `serve status`),
+    a dumped config and the generated Serve config carry this, never the key itself."""
+    return KEY_DIGEST + hashlib.sha256(key.encode()).hexdigest()
+
+
+class RateLimit(_Cfg):
+    """A token bucket per key (per client address when no key is configured), per process."""
+
+    requests_per_s: float = Field(..., gt=0)
+    burst: int | None = Field(None, ge=1)  # None: one second's worth, at least 1
+
+    @property
+    def capacity(self) -> int:
+        return self.burst or max(1, math.ceil(self.requests_per_s))
+
+
 class ApiKey(_Cfg):
+    # An error about a key (too short) must not print it: pydantic shows the input otherwise.
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
+
+    # The key, or its digest (`sha256:` + 64 hex digits, see key_digest) to keep it out of files.
     key: str = Field(..., min_length=8, repr=False)
     write: bool = False  # every key may read; writes (ingest, delete) need write=True
     name: str | None = None  # for logs, never the key itself
+    rate_limit: RateLimit | None = None  # None: server.rate_limit
+
+    @field_validator("key")
+    @classmethod
+    def _digest_shape(cls, key: str) -> str:
+        if key.startswith(KEY_DIGEST) and not _DIGEST.match(key):
+            raise ValueError("a key given as its digest is 'sha256:' and 64 lowercase hex digits")
+        return key
+
+    @field_serializer("key")
+    def _dump_digest(self, key: str) -> str:
+        return key if key.startswith(KEY_DIGEST) else key_digest(key)
 
 
-def api_keys_from_env() -> list[ApiKey]:
-    """QASERVE_API_KEYS="KEY1:rw,KEY2:r": a key alone or ":r" reads, ":rw" also writes."""
-    keys = []
+def api_keys_from_env() -> list[dict[str, Any]]:
+    """QASERVE_API_KEYS="KEY1:rw,KEY2:r": a key alone or ":r" reads, ":rw" also writes.
+    Errors name the entry by position, never by its text."""
+    keys: list[dict[str, Any]] = []
     items = [s.strip() for s in os.environ.get("QASERVE_API_KEYS", "").split(",") if s.strip()]
     for i, item in enumerate(items):
         key, sep, rights = item.rpartition(":")
@@ -219,17 +283,26 @@ def api_keys_from_env() -> list[ApiKey]:
             key, rights = item, "r"
         if rights not in ("r", "rw"):
             raise ValueError(f"QASERVE_API_KEYS entry {i}: rights must be 'r' or 'rw'")
-        keys.append(ApiKey(key=key, write=rights == "rw", name=f"env-{i}"))
+        if len(key) < 8:
+            raise ValueError(f"QASERVE_API_KEYS entry {i}: a key needs at least 8 characters")
+        keys.append({"key": key, "write": rights == "rw", "name": f"env-{i}"})
     return keys
 
 
 class ServerConfig(_Cfg):
     """The HTTP layer's limits and keys; the same for the in-process app and the Ray ingress."""
 
-    api_keys: list[ApiKey] = Field(default_factory=api_keys_from_env)
-    # Without keys configured everything is open; with keys, writes always need one.
-    require_key_for_reads: bool = False
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
+
+    # With any key configured every route needs one (reads a read key, writes a write key)
+    # but the probes, the docs and the playground's page; without keys everything is open.
+    # Absent here: QASERVE_API_KEYS.
+    api_keys: list[ApiKey] = Field(default_factory=list)
+    # Default per key; off (None) unless set. ApiKey.rate_limit overrides it for one key.
+    rate_limit: RateLimit | None = None
     max_body_bytes: int = Field(8 * 2**20, ge=1)
+    # Cost bounds of a request, checked at the edge (qaserve.limits; README "Limits").
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
     # Per backend call (retrieve, read, generate, query, ingest, ...); a stream's limit
     # applies to each event, so a long generation is fine as long as tokens keep coming.
     timeout_s: float = Field(60.0, gt=0)
@@ -237,6 +310,15 @@ class ServerConfig(_Cfg):
     # Requests in flight in this process beyond which new ones get 503 + Retry-After.
     max_ongoing_requests: int = Field(64, ge=1)
     retry_after_s: int = Field(1, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keys_from_env(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "api_keys" not in data:
+            keys = api_keys_from_env()
+            if keys:
+                data = {**data, "api_keys": keys}
+        return data
 
     def timeout_for(self, op: str) -> float:
         return self.timeouts_s.get(op, self.timeout_s)

@@ -58,6 +58,10 @@ class PayloadTooLarge(QAServeError):
     type = "payload_too_large"
 
 
+class UnsupportedMediaType(QAServeError):
+    type = "unsupported_media_type"
+
+
 class InvalidRequest(QAServeError):
     type = "validation_error"
 
@@ -78,6 +82,19 @@ class ConfigError(QAServeError):
 
 class Overloaded(QAServeError):
     type = "overloaded"
+
+    def __init__(
+        self, message: str, field: str | None = None, retry_after: int | None = None
+    ) -> None:
+        super().__init__(message, field)
+        self.retry_after = retry_after
+
+
+class RateLimited(QAServeError):
+    """The caller's key (or address) is over its rate limit; `retry_after` says when a request
+    will pass again."""
+
+    type = "rate_limited"
 
     def __init__(
         self, message: str, field: str | None = None, retry_after: int | None = None

@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from qaserve.config import EnsembleConfig
 from qaserve.deployments.ensemble import Ensemble
 from qaserve.deployments.prior import generate_response
+from qaserve.errors import StageTimeout
 from qaserve.stages import STAGES
 from qaserve_client.schema import (
     DocumentOut,
@@ -33,6 +34,7 @@ from qaserve_client.schema import (
     IngestResponse,
     ModelInfo,
     ModelsResponse,
+    Operation,
     QueryRequest,
     QueryResponse,
     ReadDocument,
@@ -56,7 +58,10 @@ class StageCalls(Protocol):
     async def read(self, request: ReadRequest) -> ReadResponse: ...
     async def generate(self, request: GenerateRequest) -> GenerateResponse: ...
     def generate_stream(self, request: GenerateRequest) -> AsyncIterator[GeneratedToken]: ...
-    async def ingest(self, request: IngestRequest) -> IngestResponse: ...
+    async def start_ingest(self, request: IngestRequest) -> Operation: ...
+    async def operation(self, op_id: str) -> Operation: ...
+    async def wait_operation(self, op_id: str, timeout: float | None) -> Operation: ...
+    async def cancel_operation(self, op_id: str, why: str) -> Operation: ...
     async def get_document(self, doc_id: str, collection: str | None) -> DocumentOut: ...
     async def delete_document(self, doc_id: str, collection: str | None) -> None: ...
     async def info(self, stage: str) -> list[ModelInfo]: ...
@@ -156,8 +161,29 @@ class Pipeline:
 
     # --- documents and single stages ------------------------------------------------------
 
-    async def ingest(self, request: IngestRequest) -> IngestResponse:
-        return await self.calls.ingest(request)
+    async def ingest(self, request: IngestRequest, timeout: float | None = None) -> IngestResponse:
+        """The write, all or nothing: at `timeout`, or when the caller goes away, it is
+        stopped before its commit and nothing is written (a timeout raises StageTimeout); a
+        write whose commit had begun completes, and its answer is returned."""
+        op = await self.calls.start_ingest(request)
+        try:
+            done = await self.calls.wait_operation(op.id, timeout)
+            if not done.finished:
+                why = f"ingest did not finish within {timeout:g} s; nothing was written"
+                done = await self.calls.cancel_operation(op.id, why)
+        except asyncio.CancelledError:
+            _detach(self.calls.cancel_operation(op.id, "the caller went away; nothing was written"))
+            raise
+        if done.result is None:  # cancelled: a failed write raised its own error above
+            raise StageTimeout(done.error.message if done.error else "the write was stopped")
+        return done.result
+
+    async def start_ingest(self, request: IngestRequest) -> Operation:
+        """The write started, not waited for: poll `operation(id)`."""
+        return await self.calls.start_ingest(request)
+
+    async def operation(self, op_id: str) -> Operation:
+        return await self.calls.operation(op_id)
 
     async def get_document(self, doc_id: str, collection: str | None = None) -> DocumentOut:
         return await self.calls.get_document(doc_id, collection)
@@ -315,6 +341,17 @@ class Pipeline:
             documents=documents,
             timings_ms=timings,
         )
+
+
+_DETACHED: set[asyncio.Future[Any]] = set()
+
+
+def _detach(call: Coroutine[Any, Any, Any]) -> None:
+    """Run `call` to its end even though the task that started it is being cancelled."""
+    task = asyncio.ensure_future(call)
+    _DETACHED.add(task)
+    task.add_done_callback(_DETACHED.discard)
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
 
 async def _aclose(iterator: AsyncIterator[Any]) -> None:

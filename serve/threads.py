@@ -11,7 +11,10 @@ import contextlib
 import os
 from collections.abc import AsyncGenerator, Callable, Iterator
 from concurrent.futures import Executor
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from qaserve.cancel import CancelToken
 
 T = TypeVar("T")
 
@@ -54,13 +57,17 @@ _DONE = object()
 
 
 async def iterate_blocking(
-    make: Callable[[], Iterator[T]], executor: Executor | None = None
+    make: Callable[[], Iterator[T]],
+    executor: Executor | None = None,
+    cancel: CancelToken | None = None,
 ) -> AsyncGenerator[T, None]:
     """A blocking iterator (a token stream) as an async one, one `next` per executor task.
 
-    When the consumer stops early (a client went away, a timeout), the iterator is closed
-    in the executor once its running step ends, so the work stops instead of running on for
-    nobody. The in-process transport and the generator's Ray replica both stream this way.
+    When the consumer stops early (a client went away, a timeout), `cancel` (the token the
+    iterator checks, qaserve.cancel) is set, so a step in flight stops at its next check (a
+    beam search is one long step), and the iterator is closed in the executor once that
+    step ends: the work stops instead of running on for nobody. The in-process transport
+    and the generator's Ray replica both stream this way.
     """
     loop = asyncio.get_running_loop()
     state: dict[str, Iterator[T]] = {}
@@ -85,7 +92,11 @@ async def iterate_blocking(
             yield item
     finally:
         if pending is not None and not pending.done():
-            # Wait for the step in flight (it cannot be interrupted), then close.
+            if cancel is not None:
+                cancel.cancel()
+            # Wait for the step in flight (it stops at its next check), then close.
             await asyncio.wait([pending])
+            if not pending.cancelled():
+                pending.exception()  # retrieved: the step's error (Cancelled) reaches nobody
         with contextlib.suppress(RuntimeError):  # an executor shut down has nothing to stop
             await loop.run_in_executor(executor, close)

@@ -55,7 +55,10 @@ REVIEWS: list[dict[str, Any]] = [
 
 @pytest.fixture(scope="module")
 def http(api_server: Any) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=api_server.url, timeout=60) as client:
+    """Sends the read key (every route but the probes and docs needs a key); a request's own
+    `Authorization: Bearer` (the write key) takes precedence over it."""
+    headers = {"X-API-Key": api_server.read_key}
+    with httpx.Client(base_url=api_server.url, timeout=60, headers=headers) as client:
         yield client
 
 
@@ -361,12 +364,218 @@ def test_bad_requests_leave_documents_intact(http: httpx.Client, writer: dict[st
     assert http.get("/healthz").status_code == 200
 
 
+# --- input hygiene: what JSON and HTTP allow but the API cannot use ------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("mode", ["ensemble", "generative"])
+def test_more_documents_than_the_generator_reads_is_422(
+    http: httpx.Client, mode: str, stream: bool
+) -> None:
+    """Finding 1: 21 documents for a generator that reads 20 was a 500 (a stream: 200, then
+    an `error` event after `documents` and `answers`)."""
+    body = {"question": "bass", "top_k_retriever": 21, "mode": mode, "stream": stream}
+    error = assert_error(
+        http.post("/v1/query", json=body), 422, "validation_error", "top_k_retriever"
+    )
+    assert "20" in error["message"]
+    extractive = {**body, "mode": "extractive"}  # the reader takes 21
+    assert http.post("/v1/query", json=extractive).status_code == 200
+
+
+def test_generate_with_more_documents_than_it_reads_is_422(http: httpx.Client) -> None:
+    documents = [{"text": f"Review {i}: the bass is deep."} for i in range(21)]
+    body = {"question": "How is the bass?", "documents": documents}
+    assert_error(http.post("/v1/generate", json=body), 422, "validation_error", "documents")
+
+
+# Raw JSON text: "\ud800" (a lone surrogate) is valid JSON that decodes to a str no UTF-8
+# encoder accepts. The field is named and nothing downstream sees the string.
+LONE_SURROGATES = [
+    ("/v1/documents", r'{"documents": [{"id": "s", "text": "a \ud800 b"}]}', "documents.0.text"),
+    ("/v1/documents", r'{"documents": [{"id": "s\ud800", "text": "a b"}]}', "documents.0.id"),
+    (
+        "/v1/documents",
+        r'{"documents": [{"text": "a", "meta": {"k\ud800": 1}}]}',
+        "documents.0.meta",
+    ),
+    (
+        "/v1/documents",
+        r'{"documents": [{"text": "a", "meta": {"k": "\udfff"}}]}',
+        "documents.0.meta.k",
+    ),
+    (
+        "/v1/documents",
+        r'{"documents": [{"text": "a", "meta": {"k": ["ok", "x\ud800"]}}]}',
+        "documents.0.meta.k.1",
+    ),
+    ("/v1/documents", r'{"collection": "c\ud800", "documents": [{"text": "a"}]}', "collection"),
+    ("/v1/query", r'{"question": "a \ud800 b"}', "question"),
+    ("/v1/query", r'{"question": "ab", "filters": {"k\ud800": "v"}}', "filters"),
+    ("/v1/query", r'{"question": "ab", "filters": {"k": "v\ud800"}}', "filters.k"),
+    ("/v1/query", r'{"question": "ab", "filters": {"k": ["v", "\ud800"]}}', "filters.k.1"),
+    ("/v1/query", r'{"question": "ab", "stream": true, "filters": {"k": "\ud800"}}', "filters.k"),
+    ("/v1/query", r'{"question": "ab", "collection": "c\ud800"}', "collection"),
+    ("/v1/retrieve", r'{"query": "a\ud800"}', "query"),
+    ("/v1/retrieve", r'{"query": "ab", "collection": "c\ud800"}', "collection"),
+    ("/v1/read", r'{"question": "ab", "documents": [{"text": "a\ud800"}]}', "documents.0.text"),
+    (
+        "/v1/read",
+        r'{"question": "ab", "documents": [{"id": "\ud800", "text": "a"}]}',
+        "documents.0.id",
+    ),
+    ("/v1/generate", r'{"question": "ab", "documents": [{"text": "a\ud800"}]}', "documents.0.text"),
+]
+
+
+@pytest.mark.parametrize(("route", "raw", "field"), LONE_SURROGATES)
+def test_a_lone_surrogate_is_422_naming_the_field(
+    http: httpx.Client, writer: dict[str, str], route: str, raw: str, field: str
+) -> None:
+    """Finding 2: in a document's text or a meta key it was a 500 (and the document text one
+    broke the tokenizer); in a question, already a 422."""
+    headers = {**writer, "content-type": "application/json"}
+    response = http.post(route, content=raw.encode(), headers=headers)
+    assert_error(response, 422, "validation_error", field)
+    assert http.get("/v1/documents/s", headers=writer).status_code == 404  # nothing stored
+
+
+@pytest.mark.parametrize(
+    ("route", "raw", "field"),
+    [
+        (
+            "/v1/generate",
+            '{"question": "q", "documents": [{"text": "a", "score": NaN}]}',
+            "documents.0.score",
+        ),
+        (
+            "/v1/documents",
+            '{"documents": [{"text": "a", "meta": {"k": Infinity}}]}',
+            "documents.0.meta.k",
+        ),
+        ("/v1/query", '{"question": "q", "filters": {"k": -Infinity}}', "filters.k"),
+    ],
+)
+def test_nan_and_infinity_are_422(
+    http: httpx.Client, writer: dict[str, str], route: str, raw: str, field: str
+) -> None:
+    """Python's JSON decoder reads NaN and Infinity, which JSON has not: a stored Infinity was
+    a 500, a NaN score made the generator's weights NaN."""
+    headers = {**writer, "content-type": "application/json"}
+    response = http.post(route, content=raw.encode(), headers=headers)
+    assert_error(response, 422, "validation_error", field)
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"question": "q", "stream": 0}, "stream"),  # lax mode read 0 as false
+        ({"question": "q", "top_k_retriever": "5"}, "top_k_retriever"),  # and "5" as 5
+        ({"question": "q", "top_k_reader": True}, "top_k_reader"),  # and true as 1
+    ],
+)
+def test_values_of_the_wrong_json_type_are_422(
+    http: httpx.Client, body: dict[str, Any], field: str
+) -> None:
+    assert_error(http.post("/v1/query", json=body), 422, "validation_error", field)
+    assert http.post("/v1/query", json={"question": "q", "top_k_retriever": 5.0}).is_success
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        "application/xml",
+        "application/json; charset=latin-1",
+    ],
+)
+def test_a_body_that_is_not_json_is_415(http: httpx.Client, content_type: str) -> None:
+    """Finding 10: FastAPI read such a body as bytes and answered 422."""
+    body = json.dumps({"query": "battery"}).encode()
+    response = http.post("/v1/retrieve", content=body, headers={"content-type": content_type})
+    assert_error(response, 415, "unsupported_media_type")
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/json",
+        "application/json; charset=utf-8",
+        "Application/JSON;charset=UTF-8",
+        "application/merge-patch+json",
+    ],
+)
+def test_json_media_types_are_accepted(http: httpx.Client, content_type: str) -> None:
+    body = json.dumps({"query": "battery"}).encode()
+    response = http.post("/v1/retrieve", content=body, headers={"content-type": content_type})
+    assert response.status_code == 200, response.text
+
+
+def test_a_write_without_a_key_is_401_before_its_media_type(api_server: Any) -> None:
+    response = httpx.post(
+        f"{api_server.url}/v1/documents", content=b"x", headers={"content-type": "text/plain"}
+    )
+    assert_error(response, 401, "unauthorized")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("PUT", "/v1/documents/x", {"GET", "DELETE"}),
+        ("POST", "/v1/documents/x", {"GET", "DELETE"}),
+        ("PUT", "/v1/query", {"POST"}),
+        ("GET", "/v1/documents", {"POST"}),
+        ("PUT", "/openai/v1/models", {"GET"}),
+        ("DELETE", "/openai/v1/chat/completions", {"POST"}),
+    ],
+)
+def test_405_allows_every_method_of_the_path(
+    http: httpx.Client, method: str, path: str, allowed: set[str]
+) -> None:
+    """Finding 10: Starlette's Allow named the first route's methods only (GET, not the DELETE
+    of /v1/documents/{id}); the OpenAI routes sent none."""
+    response = http.request(method, path)
+    assert response.status_code == 405, response.text
+    assert {m.strip() for m in response.headers["allow"].split(",")} == allowed
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_urllib_reads_the_413_of_a_body_far_over_the_limit(api_server: Any, chunked: bool) -> None:
+    """Finding 9: the server answered 413 and closed while the body was still arriving, and
+    urllib (which sends the whole body before reading) saw "connection reset by peer". 8 MB
+    against the 64 KiB limit, five times: without the drain every try is reset."""
+    import urllib.error
+    import urllib.request
+
+    body = b'{"documents": [{"text": "' + b"word " * (8 * 2**20 // 5) + b'"}]}'
+    headers = {
+        "Content-Type": "application/json",
+        "Authorization": f"Bearer {api_server.write_key}",
+    }
+    for _ in range(5):
+        # an iterable body has no length: urllib sends it chunked
+        data: Any = (
+            iter([body[i : i + 2**16] for i in range(0, len(body), 2**16)]) if chunked else body
+        )
+        request = urllib.request.Request(
+            f"{api_server.url}/v1/documents", data=data, headers=headers, method="POST"
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=60)
+        assert refused.value.code == 413
+        assert json.loads(refused.value.read())["error"]["type"] == "payload_too_large"
+
+
 # --- keys --------------------------------------------------------------------------------------
 
 
-def test_writes_need_a_write_key(http: httpx.Client, api_server: Any) -> None:
+def test_writes_need_a_write_key(
+    http: httpx.Client, api_server: Any, writer: dict[str, str]
+) -> None:
     body = {"collection": "keys", "documents": [{"id": "k", "text": "Keyed."}]}
-    missing = http.post("/v1/documents", json=body)
+    missing = httpx.post(f"{api_server.url}/v1/documents", json=body)
     assert_error(missing, 401, "unauthorized")
     assert missing.headers["www-authenticate"] == "Bearer"
     assert_error(
@@ -379,13 +588,15 @@ def test_writes_need_a_write_key(http: httpx.Client, api_server: Any) -> None:
     assert_error(http.delete("/v1/documents/k", headers=read_only), 403, "forbidden")
     ok = http.post("/v1/documents", json=body, headers={"X-API-Key": api_server.write_key})
     assert ok.status_code == 200
-    # reads are open on this server, for any key and without one
-    assert http.get("/v1/documents/k", params={"collection": "keys"}).status_code == 200
+    # reads need a key too, a read key or a write key
+    anonymous = httpx.get(f"{api_server.url}/v1/documents/k", params={"collection": "keys"})
+    assert_error(anonymous, 401, "unauthorized")
     assert http.get("/v1/documents/k", params={"collection": "keys"}, headers=read_only).is_success
+    assert http.get("/v1/documents/k", params={"collection": "keys"}, headers=writer).is_success
 
 
-def test_reads_can_require_a_key(api_server: Any, serve_app: Any) -> None:
-    cfg = ServerConfig(api_keys=[ApiKey(key=api_server.read_key)], require_key_for_reads=True)
+def test_reads_need_a_key(api_server: Any, serve_app: Any) -> None:
+    cfg = ServerConfig(api_keys=[ApiKey(key=api_server.read_key)])
     url = serve_app(build_app(api_server.backend, cfg))
     with httpx.Client(base_url=url) as client:
         body = {"query": "battery"}

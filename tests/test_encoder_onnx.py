@@ -28,7 +28,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def texts() -> list[str]:
-    return [d.text for d in sample_documents()][:24] + ["How is the sound?", "battery"]
+    return [*[d.text for d in sample_documents()][:24], "How is the sound?", "battery"]
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_retriever_on_the_int8_encoder(tmp_path: Path) -> None:
     )
     embedder = build_embedder(cfg, 1, {})
     assert isinstance(embedder, OnnxEmbedder) and "int8" in embedder.info().format
-    with Retriever(cfg, embedder=embedder) as retriever:  # type: ignore[arg-type]
+    with Retriever(cfg, embedder=embedder) as retriever:
         docs = sample_documents()[:12]
         retriever.ingest(docs)
         hits = retriever.retrieve(docs[3].text[:200], top_k=3)

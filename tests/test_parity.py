@@ -39,6 +39,9 @@ DOCS = [
     },
 ]
 NUM_BEAMS, MAX_NEW_TOKENS, MAX_ANSWER_LEN = 2, 5, 3
+# Both servers need a key: the Ray ingress receives it as a digest in its args, so this also
+# checks that the digest it is given authenticates the key.
+KEY = {"X-API-Key": "parity-key-0001"}
 
 
 def _configured(engine: Any, data_dir: Path) -> Any:
@@ -59,7 +62,7 @@ def urls(
 ) -> Iterator[dict[str, str]]:
     from ray import serve
 
-    from qaserve.config import ServerConfig
+    from qaserve.config import ApiKey, ServerConfig
     from qaserve.runtime.api import build_app
     from qaserve.runtime.graph import build_graph
     from qaserve.runtime.graph_config import APP_NAME, GraphConfig, StageOptions
@@ -68,7 +71,7 @@ def urls(
     from qaserve.stages import DEPLOYMENTS
 
     root = tmp_path_factory.mktemp("parity")
-    server = ServerConfig(api_keys=[])
+    server = ServerConfig(api_keys=[ApiKey(key=KEY["X-API-Key"], write=True)])
     local = local_pipeline(_configured(tiny_engine_config, root / "local"), workers=2)
     stages = {
         name: StageOptions(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=16)
@@ -84,7 +87,8 @@ def urls(
         serve.run(build_graph(cfg), name=APP_NAME, route_prefix="/")
         found = {"local": serve_app(build_app(local, server)), "ray": f"http://127.0.0.1:{port}"}
         for url in found.values():
-            r = httpx.post(f"{url}/v1/documents", json={"documents": DOCS}, timeout=120)
+            docs = {"documents": DOCS}
+            r = httpx.post(f"{url}/v1/documents", json=docs, headers=KEY, timeout=120)
             assert r.status_code == 200, r.text
         yield found
     finally:
@@ -104,10 +108,10 @@ def _normal(value: Any) -> Any:
     return value
 
 
-def _outcome(url: str, method: str, path: str, body: Any = None) -> Any:
+def _outcome(url: str, method: str, path: str, body: Any = None, key: bool = True) -> Any:
     # As JSON text with ASCII escapes: a lone surrogate ("\ud800") is valid JSON, not UTF-8.
     content = None if body is None else json.dumps(body).encode()
-    headers = {"content-type": "application/json"}
+    headers = {"content-type": "application/json", **(KEY if key else {})}
     with httpx.Client(base_url=url, timeout=120) as http:
         r = http.request(method, path, content=content, headers=headers)
     if r.headers.get("content-type", "").startswith("text/event-stream"):
@@ -176,14 +180,38 @@ CASES: dict[str, tuple[str, str, Any]] = {
     "blank-question": ("POST", "/v1/query", {"question": "  "}),
     "unknown-field": ("POST", "/v1/query", {"question": Q, "beams": 2}),
     "too-many-documents-to-generate": ("POST", "/v1/query", {"question": Q, "top_k_retriever": 21}),
-    "stage-refuses-a-collection": ("POST", "/v1/retrieve", {"query": Q, "collection": "a/../b"}),
-    "stage-fails": ("POST", "/v1/read", {"question": Q, "documents": [{"text": "a \ud800 b"}]}),
-    "stage-fails-in-a-stream": (
+    # Refused at the edge since issue 14 (they reached a stage before); a stage's own error
+    # crossing the Ray hop as itself is what unknown-document / unknown-operation show.
+    "collection-escaping-the-data-dir": (
+        "POST",
+        "/v1/retrieve",
+        {"query": Q, "collection": "a/../b"},
+    ),
+    "lone-surrogate-to-read": (
+        "POST",
+        "/v1/read",
+        {"question": Q, "documents": [{"text": "a \ud800 b"}]},
+    ),
+    "lone-surrogate-in-a-stream": (
         "POST",
         "/v1/generate",
         {"question": Q, "documents": [{"text": "a \ud800 b"}], "stream": True},
     ),
     "unknown-document": ("GET", "/v1/documents/nope", None),
+    "unknown-operation": ("GET", "/v1/operations/nope", None),
+    # cost bounds (qaserve.limits), derived from the engine each transport runs: 20 documents
+    # x beams x (max_doc_tokens 64 + 5 question tokens) against 20 x 2 beams x (64 + 64)
+    "question-over-its-bound": ("POST", "/v1/query", {"question": "How is the sound? " * 100}),
+    "beams-over-the-budget": (
+        "POST",
+        "/v1/generate",
+        {"question": Q, "documents": READ_DOC * 20, "num_beams": 4},
+    ),
+    "beams-within-the-budget": (
+        "POST",
+        "/v1/generate",
+        {"question": Q, "documents": READ_DOC * 20, "num_beams": 3},
+    ),
 }
 
 
@@ -193,6 +221,27 @@ def test_both_transports_answer_alike(urls: dict[str, str], case: str) -> None:
     local = _outcome(urls["local"], method, path, body)
     graph = _outcome(urls["ray"], method, path, body)
     assert local == graph
+
+
+@pytest.mark.parametrize(
+    ("case", "field"),
+    [("question-over-its-bound", "question"), ("beams-over-the-budget", "num_beams")],
+)
+def test_both_transports_bound_the_cost(urls: dict[str, str], case: str, field: str) -> None:
+    """Finding 6 on both transports: the Ray Ingress checks the bounds its engine implies."""
+    method, path, body = CASES[case]
+    local = _outcome(urls["local"], method, path, body)
+    assert local == _outcome(urls["ray"], method, path, body) == (422, "validation_error", field)
+    within = CASES["beams-within-the-budget"]
+    assert _outcome(urls["ray"], *within)[0] == 200  # the Ingress derived it from the engine
+
+
+@pytest.mark.parametrize("case", ["get", "query-extractive", "retrieve"])
+def test_both_transports_refuse_a_request_without_a_key(urls: dict[str, str], case: str) -> None:
+    method, path, body = CASES[case]
+    local = _outcome(urls["local"], method, path, body, key=False)
+    assert local == _outcome(urls["ray"], method, path, body, key=False)
+    assert local == (401, "unauthorized", None)
 
 
 def test_the_same_readiness_keys(urls: dict[str, str]) -> None:
@@ -236,3 +285,27 @@ def test_a_stream_reports_what_the_plain_query_reports(
     final = dict(events)["answer"]
     assert final == plain  # beam search included: the tokens arrive when the search ends
     assert final["timings_ms"] == ["ensemble", "generator", "reader", "retriever", "total"]
+
+
+def test_an_asynchronous_write_lands_alike(urls: dict[str, str]) -> None:
+    """POST ?wait=false: 202 and an operation on both transports, polled to `done` with the
+    same result and progress; the document is there after."""
+    import time
+
+    text = "Battery life is about twelve hours on one charge. It charges over USB-C in an hour."
+    docs = [{"id": "async-1", "text": text}]
+    outcomes = {}
+    for name, url in urls.items():
+        with httpx.Client(base_url=url, headers=KEY, timeout=120) as http:
+            r = http.post("/v1/documents", params={"wait": "false"}, json={"documents": docs})
+            assert r.status_code == 202, (name, r.text)
+            location = r.headers["location"]
+            deadline = time.monotonic() + 120
+            op = r.json()
+            while op["status"] in ("queued", "running") and time.monotonic() < deadline:
+                time.sleep(0.1)
+                op = http.get(location).json()
+            assert http.get("/v1/documents/async-1").status_code == 200
+        outcomes[name] = (op["status"], op["result"], op["progress"], op["error"])
+    assert outcomes["local"] == outcomes["ray"]
+    assert outcomes["ray"][0] == "done"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,7 +21,7 @@ import httpx
 import pytest
 from tiny_models import FaultyBackend
 
-from qaserve.config import ApiKey, ServerConfig
+from qaserve.config import ApiKey, RateLimit, ServerConfig
 from qaserve.errors import Overloaded
 from qaserve.runtime.api import build_app
 from qaserve.runtime.playground import HEADERS
@@ -227,7 +228,8 @@ class Page:
 
 @pytest.fixture(scope="module")
 def http(api_server: Any) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=api_server.url, timeout=60) as client:
+    headers = {"X-API-Key": api_server.read_key}  # reads need a key too
+    with httpx.Client(base_url=api_server.url, timeout=60, headers=headers) as client:
         yield client
 
 
@@ -245,8 +247,9 @@ def reviews(http: httpx.Client, writer: dict[str, str]) -> str:
 
 @pytest.fixture
 def page(driver: Any, api_server: Any) -> Page:
-    """The page on the tiny engine's server: writes need a key, reads are open."""
-    return Page(driver, api_server.url).open()
+    """The page on the tiny engine's server, the read key typed in (every API call needs a
+    key; writes a write key)."""
+    return Page(driver, api_server.url).open(key=api_server.read_key)
 
 
 @pytest.fixture(scope="module")
@@ -285,6 +288,7 @@ def test_the_page_and_its_assets_are_served(http: httpx.Client) -> None:
 
 
 def test_controls_are_labelled_and_in_order(page: Page) -> None:
+    page.open()  # no key typed in: the keyboard starts from the top of the page
     unlabelled = page.js(
         """return [...document.querySelectorAll('input, select, textarea')]
             .filter(e => !e.labels || e.labels.length === 0).map(e => e.id)"""
@@ -454,6 +458,7 @@ def test_a_missing_or_wrong_key_is_explained(
     page: Page, api_server: Any, serve_app: Any, reviews: str
 ) -> None:
     doc = json.dumps({"id": "k1", "text": "Keyed."})
+    page.type("api-key", "")
     page.add(paste=doc, collection="keys")
     error = page.error("add-error")
     assert error["status"] == "401"
@@ -469,8 +474,8 @@ def test_a_missing_or_wrong_key_is_explained(
     error = page.error("add-error")
     assert error["status"] == "403" and "read-write key" in error["text"]
 
-    # a server whose reads need a key too
-    cfg = ServerConfig(api_keys=[ApiKey(key=api_server.read_key)], require_key_for_reads=True)
+    # reads need a key too: the page itself is public, its questions are not
+    cfg = ServerConfig(api_keys=[ApiKey(key=api_server.read_key)])
     closed = Page(page.d, serve_app(build_app(api_server.backend, cfg))).open()
     assert closed.ask(collection=reviews) == "error"
     error = closed.error()
@@ -478,6 +483,21 @@ def test_a_missing_or_wrong_key_is_explained(
     closed.type("api-key", api_server.read_key)
     assert closed.ask(collection=reviews) == "done"
     assert not closed.el("error").is_displayed()
+
+
+def test_a_rate_limited_key_is_told_when_to_retry(
+    driver: Any, api_server: Any, serve_app: Any, reviews: str
+) -> None:
+    limit = RateLimit(requests_per_s=0.05, burst=1)  # one question, then 20 s to wait
+    cfg = ServerConfig(api_keys=[ApiKey(key=api_server.read_key)], rate_limit=limit)
+    page = Page(driver, serve_app(build_app(api_server.backend, cfg))).open(api_server.read_key)
+    assert page.ask(collection=reviews) == "done"
+    assert page.ask(collection=reviews) == "error"
+    error = page.error()
+    assert error["status"] == "429" and error["type"] == "rate_limited"
+    assert "Too many requests for this key: rate limit exceeded" in error["text"]
+    wait = re.search(r"Please retry in (\d+) seconds?\.", error["text"])
+    assert wait and 1 <= int(wait[1]) <= 20, error["text"]
 
 
 def test_invalid_input_names_its_field(page: Page, api_server: Any, reviews: str) -> None:

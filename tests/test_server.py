@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
+from qaserve.loaders import sample_documents
 from qaserve.runtime.graph_config import GraphConfig
 from qaserve.runtime.server import CONFIG_DIR, free_port, render_serve_config
 from qaserve.stages import DEPLOYMENTS as STAGES
@@ -124,7 +125,8 @@ def test_qaserve_serve_answers_and_stops_cleanly_on_sigterm(
             assert time.monotonic() < deadline, text[-3000:]
             time.sleep(1)
             text = (tmp_path / "serve.log").read_text()
-        assert "ingested the sample corpus" in text
+        # Ready only once the Retriever has seeded the empty store with the sample corpus.
+        assert f"; {len(sample_documents())} documents)" in text, text[-3000:]
         ask = subprocess.run(
             [
                 sys.executable,

@@ -105,9 +105,9 @@ class FaultyBackend:
         else:
             raise fault
 
-    async def ingest(self, request: Any) -> Any:
+    async def ingest(self, request: Any, *args: Any) -> Any:
         await self._fault("ingest")
-        return await self.inner.ingest(request)
+        return await self.inner.ingest(request, *args)
 
     async def retrieve(self, request: Any) -> Any:
         await self._fault("retrieve")

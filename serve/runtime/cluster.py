@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from qaserve.runtime.graph_config import APP_NAME, GraphConfig, read_graph_yaml
-from qaserve.runtime.server import resolve_config, serve_config
+from qaserve.runtime.server import add_allow_public, check_exposure, resolve_config, serve_config
 from qaserve.stages import DEPLOYMENTS
 
 NODE_KIND_PREFIXES = ("qaserve_", "qaserve.io/")
@@ -66,6 +66,11 @@ def deploy_config(
     assert path is not None
     raw = read_graph_yaml(path)
     cfg = GraphConfig.from_data(raw)  # fail here, not on the cluster, on a bad config
+    if cfg.server.api_keys:
+        # The keys (from the YAML or this machine's QASERVE_API_KEYS) travel as digests only:
+        # the app's args are what `serve config` and the dashboard show.
+        keys = cfg.server.model_dump(mode="json")["api_keys"]
+        raw = {**raw, "server": {**(raw.get("server") or {}), "api_keys": keys}}
     config = serve_config(cfg, str(graph_config), host, port, proxy_location)
     app = config["applications"][0]
     app["args"] = {"graph": raw}
@@ -285,6 +290,7 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--proxy-location", default="EveryNode", choices=["HeadOnly", "EveryNode", "Disabled"]
     )
+    add_allow_public(p)
     p.set_defaults(func=_cmd_deploy)
 
     p = sub.add_parser("status", help="each stage's replicas, their nodes and health")
@@ -315,6 +321,9 @@ def _cmd_deploy(args: Any) -> int:
             print(f"--env {item!r}: expected KEY=VALUE", file=sys.stderr)
             return 2
         env[key] = value
+    graph = GraphConfig.load(resolve_config(args.config))
+    if not check_exposure(args.host, graph.server, args.allow_public):
+        return 2
     deploy(args.address, args.config, args.wheel, env, args.host, args.port, args.proxy_location)
     print(
         f"qaserve: deployed {args.config} to {args.address}; `qaserve status --address "

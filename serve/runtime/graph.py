@@ -21,13 +21,17 @@ def build_graph(cfg: GraphConfig) -> Any:
     bound: dict[str, Any] = {}
     for s in STAGES:  # the registry lists a stage after the stages it needs
         batch = cfg.batching[s.deployment].model_dump() if s.deployment in cfg.batching else {}
-        replica = {"batch": batch, "threads": cfg.stages[s.deployment].threads}
+        replica = {
+            "batch": batch,
+            "threads": cfg.stages[s.deployment].threads,
+            "sample_corpus": cfg.sample_corpus,  # the store owner seeds an empty store
+        }
         needs = {name: bound[name] for name in s.needs}
         opts = cfg.stages[s.deployment].serve_options() | logging
         bound[s.name] = s.deployment_class().options(**opts).bind(engine, replica, needs)
     ingress = cast("Deployment", Ingress)  # @serve.deployment: mypy skips class decorators
     return ingress.options(**cfg.stages[INGRESS].serve_options(), **logging).bind(
-        cfg.server.model_dump(mode="json"), cfg.engine.ensemble.model_dump(mode="json"), bound
+        cfg.server.model_dump(mode="json"), engine, bound
     )
 
 

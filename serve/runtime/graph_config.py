@@ -83,12 +83,17 @@ class LoggingOptions(BaseModel):
 class GraphConfig(BaseModel):
     """Everything `qaserve serve` deploys: the engine, the HTTP layer and each stage's options."""
 
-    model_config = ConfigDict(extra="forbid")
+    # The input holds the API keys: an error names the field, never echoes the value.
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     stages: dict[str, StageOptions] = Field(default_factory=default_stages)
     batching: dict[str, BatchOptions] = Field(default_factory=default_batching)
     logging: LoggingOptions = Field(default_factory=LoggingOptions)
+    # The Retriever ingests the shipped sample corpus at startup when its store is empty, and
+    # is not ready (/readyz 503) until it has: however the graph is deployed, ready means the
+    # documents are there. `qaserve serve` turns it on unless --no-sample.
+    sample_corpus: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> GraphConfig:

@@ -7,13 +7,14 @@ itself, so `qaserve.errors.as_api_error` maps it exactly as it does in-process.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar, cast
 
 from ray import serve
-from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 
-from qaserve.config import EnsembleConfig, ServerConfig
+from qaserve.config import EngineConfig, ServerConfig
 from qaserve.errors import Overloaded
 from qaserve.pipeline import Pipeline
 from qaserve.stages import model_infos
@@ -23,8 +24,8 @@ from qaserve_client.schema import (
     GenerateRequest,
     GenerateResponse,
     IngestRequest,
-    IngestResponse,
     ModelInfo,
+    Operation,
     ReadRequest,
     ReadResponse,
     RetrievedDocument,
@@ -56,6 +57,18 @@ async def call(response: Awaitable[T]) -> T:
         ) from None
 
 
+async def cancelling(response: DeploymentResponse[Any] | DeploymentResponseGenerator[Any]) -> Any:
+    """`call`, and a caller that stops waiting (the app's timeout, Serve cancelling this
+    Ingress request when its HTTP client goes away) cancels the stage's request too: in Ray
+    2.60 a cancelled `await response` stops the wait only (serve/handle.py). The replica's
+    task is then cancelled and its token stops the stage's thread (qaserve.cancel)."""
+    try:
+        return await call(cast("DeploymentResponse[Any]", response))  # a unary call
+    except asyncio.CancelledError:
+        response.cancel()
+        raise
+
+
 class RayStages:
     """`StageCalls` over the stage deployments' handles, by stage name."""
 
@@ -72,10 +85,10 @@ class RayStages:
         return await call(self.handles["retriever"].retrieve.remote(request))
 
     async def read(self, request: ReadRequest) -> ReadResponse:
-        return await call(self.handles["reader"].read.remote(request))
+        return await cancelling(self.handles["reader"].read.remote(request))
 
     async def generate(self, request: GenerateRequest) -> GenerateResponse:
-        return await call(self.handles["generator"].generate.remote(request))
+        return await cancelling(self.handles["generator"].generate.remote(request))
 
     async def generate_stream(self, request: GenerateRequest) -> AsyncIterator[GeneratedToken]:
         handle = self.handles["generator"].options(stream=True)
@@ -93,8 +106,17 @@ class RayStages:
         finally:
             response.cancel()  # a consumer that stops early stops the decoding
 
-    async def ingest(self, request: IngestRequest) -> IngestResponse:
-        return await call(self.handles["retriever"].ingest.remote(request))
+    async def start_ingest(self, request: IngestRequest) -> Operation:
+        return await call(self.handles["retriever"].start_ingest.remote(request))
+
+    async def operation(self, op_id: str) -> Operation:
+        return await call(self.handles["retriever"].operation.remote(op_id))
+
+    async def wait_operation(self, op_id: str, timeout: float | None) -> Operation:
+        return await call(self.handles["retriever"].wait_operation.remote(op_id, timeout))
+
+    async def cancel_operation(self, op_id: str, why: str) -> Operation:
+        return await call(self.handles["retriever"].cancel_operation.remote(op_id, why))
 
     async def get_document(self, doc_id: str, collection: str | None) -> DocumentOut:
         return await call(self.handles["retriever"].get.remote(doc_id, collection))
@@ -115,13 +137,15 @@ class Ingress:
     def __init__(
         self,
         server: dict[str, Any],
-        ensemble: dict[str, Any],
+        engine: dict[str, Any],
         stages: dict[str, DeploymentHandle],
     ) -> None:
         self.server_cfg = ServerConfig.model_validate(server)
-        self.pipeline = Pipeline(RayStages(stages), EnsembleConfig.model_validate(ensemble))
+        # The stages' settings: the ensemble policy, and what the cost bounds derive from.
+        self.engine_cfg = EngineConfig.model_validate(engine)
+        self.pipeline = Pipeline(RayStages(stages), self.engine_cfg.ensemble)
 
     def __serve_build_asgi_app__(self) -> Any:
         from qaserve.runtime.api import build_app
 
-        return build_app(self.pipeline, self.server_cfg)
+        return build_app(self.pipeline, self.server_cfg, self.engine_cfg)

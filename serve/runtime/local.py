@@ -3,8 +3,10 @@ so the one pipeline serves without Ray; `Engine` is the same pipeline as plain b
 for the CLI, `qaserve eval` and the benchmarks.
 
 The stages' calls block (torch, ONNX Runtime, Qdrant Edge), so each runs in a small pool and
-the event loop stays free; streams advance one item per pool task. Writes to the embedded
-store go one at a time. Stages load on first use, or all at startup with `preload`.
+the event loop stays free; streams advance one item per pool task. Writes embed side by side,
+one pool task per batch (cancellable between batches), and commit to the embedded store one at
+a time (`qaserve.deployments.operations`). Stages load on first use, or all at startup with
+`preload`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,11 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import numpy as np
+
+from qaserve.cancel import CancelToken, run_cancellable
 from qaserve.config import EngineConfig
+from qaserve.deployments.operations import Operations, WriteOp, WriteOwner
 from qaserve.pipeline import Pipeline
 from qaserve.stages import STAGES, build_stages, model_infos, stage
 from qaserve.threads import bound_threads, iterate_blocking
@@ -47,7 +53,7 @@ log = logging.getLogger("qaserve.local")
 T = TypeVar("T")
 
 
-class LocalStages:
+class LocalStages(WriteOwner):
     """`StageCalls` over stage objects held in this process."""
 
     def __init__(self, cfg: EngineConfig, workers: int = 4, preload: bool = True) -> None:
@@ -60,6 +66,7 @@ class LocalStages:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qaserve")
         self._write_lock = threading.Lock()
         self._load_lock = threading.RLock()
+        self.operations = Operations()
 
     # --- the stage objects --------------------------------------------------------------------
 
@@ -121,27 +128,38 @@ class LocalStages:
             )
         )
 
-    async def read(self, request: ReadRequest) -> ReadResponse:
-        return await self._run(lambda: self.reader.read_batch([request])[0])
+    # Reads and generations take a token (qaserve.cancel): when the awaiting task is
+    # cancelled (a timeout, a client gone), the stage stops at its next step.
 
-    async def generate(self, request: GenerateRequest) -> GenerateResponse:
-        return await self._run(
-            lambda: self.generator.generate(
-                request.question, request.documents, request.max_new_tokens, request.num_beams
-            )
+    async def read(self, request: ReadRequest) -> ReadResponse:
+        return await run_cancellable(
+            lambda cancel: self.reader.read_batch([request], cancel)[0], self._pool
         )
 
-    def generate_stream(self, request: GenerateRequest) -> AsyncIterator[GeneratedToken]:
-        return iterate_blocking(
-            lambda: self.generator.stream(
-                request.question, request.documents, request.max_new_tokens, request.num_beams
+    async def generate(self, request: GenerateRequest) -> GenerateResponse:
+        return await run_cancellable(
+            lambda cancel: self.generator.generate(
+                request.question,
+                request.documents,
+                request.max_new_tokens,
+                request.num_beams,
+                cancel,
             ),
             self._pool,
         )
 
-    async def ingest(self, request: IngestRequest) -> IngestResponse:
-        return await self._run(
-            self._write, self.retriever.ingest, request.documents, request.collection
+    def generate_stream(self, request: GenerateRequest) -> AsyncIterator[GeneratedToken]:
+        cancel = CancelToken()
+        return iterate_blocking(
+            lambda: self.generator.stream(
+                request.question,
+                request.documents,
+                request.max_new_tokens,
+                request.num_beams,
+                cancel,
+            ),
+            self._pool,
+            cancel,
         )
 
     async def get_document(self, doc_id: str, collection: str | None) -> DocumentOut:
@@ -155,6 +173,28 @@ class LocalStages:
         retriever = self._built.get("retriever")
         if retriever is not None:
             retriever.close()
+
+    # --- writes: embedding side by side, the commit one at a time -----------------------------
+
+    async def _ingest(self, op: WriteOp, request: IngestRequest) -> IngestResponse:
+        retriever = await self._run(lambda: self.retriever)
+        docs, texts = await self._run(retriever.prepare, request.documents)
+        op.total = len(texts)
+        batch = max(1, self.cfg.embedder.batch_size)
+        parts = [np.zeros((0, retriever.embedder.dim), np.float32)]
+        for i in range(0, len(texts), batch):
+            op.check()
+            parts.append(await self._run(retriever.embedder.embed, texts[i : i + batch]))
+            op.advance(len(parts[-1]))
+        vectors = np.concatenate(parts)
+        return await self._run(self._commit, op, docs, vectors, request.collection)
+
+    def _commit(
+        self, op: WriteOp, docs: Any, vectors: np.ndarray, collection: str | None
+    ) -> IngestResponse:
+        with self._write_lock:
+            op.begin_commit()  # a write cancelled before this point writes nothing
+            return self.retriever.write(docs, vectors, collection)
 
     # --- plumbing ------------------------------------------------------------------------------
 

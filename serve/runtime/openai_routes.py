@@ -27,33 +27,49 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import annotated_types
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
+from pydantic.config import JsonDict
 from starlette.exceptions import HTTPException
 
 from qaserve import __version__
 from qaserve.errors import (
     InternalError,
+    InvalidRequest,
     QAServeError,
+    RateLimited,
     Unauthorized,
 )
+from qaserve.limits import Limits
 from qaserve.pipeline import Event
-from qaserve.runtime.api import _backend, _Calls
-from qaserve.runtime.responses import error_headers, validation_error
+from qaserve.runtime.api import ClientGone, _backend, _Calls
+from qaserve.runtime.middleware import json_body
+from qaserve.runtime.responses import (
+    MEANINGS,
+    allowed_methods,
+    documented,
+    error_headers,
+    validation_error,
+)
 from qaserve_client.schema import (
+    MAX_GENERATOR_DOCUMENTS,
+    NON_BLANK,
+    Collection,
     Filters,
     GeneratedToken,
+    JsonRequest,
     QueryMode,
     QueryRequest,
     QueryResponse,
     ReadResponse,
     RetrievalMode,
+    field_error,
 )
 
 log = logging.getLogger("qaserve.runtime.openai")
@@ -84,6 +100,12 @@ _OUR_NAMES = {"question": "messages", "top_k_retriever": "top_k", "max_new_token
 
 
 # --- errors ------------------------------------------------------------------------------------
+
+
+_CODES: dict[type[QAServeError], str] = {
+    Unauthorized: "invalid_api_key",
+    RateLimited: "rate_limit_exceeded",
+}
 
 
 class OpenAIError(Exception):
@@ -123,7 +145,7 @@ class OpenAIError(Exception):
 
     @classmethod
     def of(cls, exc: QAServeError, retry_after: int = 1) -> OpenAIError:
-        code = "invalid_api_key" if isinstance(exc, Unauthorized) else exc.type
+        code = _CODES.get(type(exc), exc.type)
         return cls(exc.status, exc.message, exc.field, code, error_headers(exc, retry_after))
 
 
@@ -135,6 +157,39 @@ def _invalid(exc: RequestValidationError) -> OpenAIError:
         return OpenAIError(400, message, name, "unknown_parameter")
     error = validation_error(exc)
     return OpenAIError(400, error.message, error.field, "invalid_value")
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIErrorResponse(BaseModel):
+    """The error body of these routes (OpenAI's shape), for the OpenAPI document."""
+
+    error: OpenAIErrorDetail
+
+
+_MEANINGS = {
+    **MEANINGS,
+    400: "invalid or unsupported request (`param` names the field)",
+    404: "no such model",
+}
+# A stream: `data:` lines (event `message`), each a chat.completion.chunk, then `[DONE]`.
+_SSE_DOC = {
+    "description": 'With `"stream": true`: `text/event-stream` of chat.completion.chunk objects.',
+    "content": {
+        "text/event-stream": {
+            "schema": {
+                "type": "object",
+                "required": ["event", "data"],
+                "properties": {"event": {"const": "message"}, "data": {"type": "string"}},
+            }
+        }
+    },
+}
 
 
 class _OpenAIRoute(APIRoute):
@@ -156,6 +211,8 @@ class _OpenAIRoute(APIRoute):
             except HTTPException as exc:
                 headers = dict(exc.headers or {})
                 return OpenAIError(exc.status_code, str(exc.detail), headers=headers).response()
+            except ClientGone:
+                return Response(status_code=499)  # the client left: the call was cancelled
             except Exception:
                 log.exception("unhandled error on %s %s", request.method, request.url.path)
                 return OpenAIError.of(InternalError("internal server error")).response()
@@ -166,37 +223,102 @@ class _OpenAIRoute(APIRoute):
 # --- the request -------------------------------------------------------------------------------
 
 
-class ChatMessage(BaseModel):
+def _user_text(content: str | list[dict[str, Any]] | None) -> str | None:
+    """A user message's text (a string, or its text parts joined); None if it has none."""
+    if isinstance(content, str):
+        return content.strip() or None
+    if not content or any(
+        p.get("type") != "text" or not isinstance(p.get("text"), str) for p in content
+    ):
+        return None
+    return "\n".join(p["text"] for p in content).strip() or None
+
+
+# _user_text's rule in JSON Schema: a user message's content is text, or text parts of which
+# one at least says something.
+_TEXT_PART: JsonDict = {
+    "type": "object",
+    "required": ["type", "text"],
+    "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+}
+_USER_TEXT: JsonDict = {
+    "anyOf": [
+        {"properties": {"role": {"not": {"const": "user"}}}},
+        {
+            "required": ["content"],
+            "properties": {
+                "content": {
+                    "anyOf": [
+                        {"type": "string", "pattern": NON_BLANK},
+                        {
+                            "type": "array",
+                            "items": _TEXT_PART,
+                            "contains": {"properties": {"text": {"pattern": NON_BLANK}}},
+                        },
+                    ]
+                }
+            },
+        },
+    ]
+}
+
+
+class ChatMessage(JsonRequest):
     # History messages may carry what this server never reads (tool_calls, audio, refusal...).
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", json_schema_extra=_USER_TEXT)
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
 
+    @model_validator(mode="after")
+    def _user_says_something(self) -> ChatMessage:
+        if self.role != "user" or _user_text(self.content) is not None:
+            return self
+        for j, part in enumerate(self.content if isinstance(self.content, list) else []):
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                message = "only text content parts are supported"
+                raise field_error(type(self), ("content", j), message)
+        raise ValueError("a user message is a question: it must hold text, not be empty")
 
-class ChatCompletionRequest(BaseModel):
+
+# QueryRequest's rule on documents for a generating mode, stated on the model that names it.
+_GENERATOR_DOCUMENTS: JsonDict = {
+    "anyOf": [
+        {"properties": {"model": {"const": "qaserve-extractive"}}},
+        {"properties": {"top_k": {"maximum": MAX_GENERATOR_DOCUMENTS}}},
+    ]
+}
+
+
+class ChatCompletionRequest(JsonRequest):
     """OpenAI's chat-completion body. Arguments that change nothing here (sampling, penalties,
     bookkeeping) are accepted and ignored; those whose effect cannot be honoured are refused
     with 400 (`unsupported`); any other name is refused as OpenAI does (400)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_GENERATOR_DOCUMENTS)
 
-    model: str
-    messages: list[ChatMessage] = Field(..., min_length=1)
+    # The schema states what the route refuses (404 for another model, 400 for the others)
+    # so that OpenAPI clients know it; the route's own checks keep OpenAI's error codes.
+    model: str = Field(..., json_schema_extra={"enum": list(MODELS)})
+    messages: list[ChatMessage] = Field(
+        ...,
+        min_length=1,
+        json_schema_extra={"contains": {"properties": {"role": {"const": "user"}}}},
+    )
     stream: bool = False
     max_completion_tokens: int | None = Field(None, ge=1)
     max_tokens: int | None = Field(None, ge=1)
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, json_schema_extra={"maximum": 1})
     # accepted and ignored (or refused below when their value asks for what cannot be done)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
     stop: str | list[str] | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    logit_bias: dict[str, Annotated[float, Strict()]] | None = None  # JSON numbers only
+    logprobs: bool | None = Field(None, json_schema_extra={"enum": [False, None]})
+    top_logprobs: int | None = Field(None, ge=0, le=20, json_schema_extra={"maximum": 0})
     seed: int | None = None
     user: str | None = None
     metadata: dict[str, str] | None = None
@@ -204,22 +326,31 @@ class ChatCompletionRequest(BaseModel):
     service_tier: str | None = None
     stream_options: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tool_choice: str | dict[str, Any] | None = Field(
+        None, json_schema_extra={"enum": ["none", "auto", None]}
+    )
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
-    modalities: list[str] | None = None
+    response_format: dict[str, Any] | None = Field(
+        None, json_schema_extra={"properties": {"type": {"const": "text"}}}
+    )
+    modalities: list[str] | None = Field(None, json_schema_extra={"items": {"const": "text"}})
     reasoning_effort: str | None = None
     verbosity: str | None = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
     # qaserve's own (the SDK's `extra_body`); unset means QueryRequest's default
     filters: Filters | None = None
-    collection: str | None = None
-    top_k: int | None = Field(None, description="Documents retrieved (top_k_retriever).")
-    top_k_reader: int | None = None
+    collection: Collection | None = None
+    top_k: int | None = Field(
+        None,
+        ge=1,
+        le=_upper_bound(QueryRequest, "top_k_retriever"),
+        description="Documents retrieved (top_k_retriever).",
+    )
+    top_k_reader: int | None = Field(None, ge=1, le=_upper_bound(QueryRequest, "top_k_reader"))
     retrieval: RetrievalMode | None = None
-    max_answer_len: int | None = None
-    num_beams: int | None = None
+    max_answer_len: int | None = Field(None, ge=1, le=_upper_bound(QueryRequest, "max_answer_len"))
+    num_beams: int | None = Field(None, ge=1, le=_upper_bound(QueryRequest, "num_beams"))
 
 
 def _unsupported(body: ChatCompletionRequest) -> OpenAIError | None:
@@ -246,24 +377,15 @@ def _question(messages: Sequence[ChatMessage]) -> str:
             break
     else:
         raise OpenAIError(400, "no user message: the last one is the question", "messages")
-    content = messages[i].content
-    texts: list[str] = []
-    if isinstance(content, str):
-        texts.append(content)
-    elif content is not None:
-        for j, part in enumerate(content):
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                param = f"messages.{i}.content.{j}"
-                raise OpenAIError(400, "only text content parts are supported", param)
-            texts.append(part["text"])
-    question = "\n".join(texts).strip()
-    if not question:
+    question = _user_text(messages[i].content)
+    if question is None:  # ChatMessage refuses it first
         raise OpenAIError(400, "the question (the last user message) is empty", f"messages.{i}")
     return question
 
 
-def query_request(body: ChatCompletionRequest) -> QueryRequest:
-    """The `/v1/query` request a chat completion asks for; OpenAIError if it cannot."""
+def query_request(body: ChatCompletionRequest, limits: Limits | None = None) -> QueryRequest:
+    """The `/v1/query` request a chat completion asks for, within the server's cost bounds
+    (max_tokens capped at its limit: it is an upper bound); OpenAIError if it cannot."""
     mode = MODELS.get(body.model)
     if mode is None:
         known = ", ".join(MODELS)
@@ -287,18 +409,26 @@ def query_request(body: ChatCompletionRequest) -> QueryRequest:
     }
     fields.update({k: v for k, v in extras.items() if v is not None})
     try:
-        return QueryRequest(**fields)
+        query = QueryRequest(**fields)
+        if limits is not None:
+            query = limits.cap_new_tokens(query)
+            limits.check(query)
+        return query
+    except InvalidRequest as exc:  # a cost bound: 400 here, as OpenAI answers a long prompt
+        param = _OUR_NAMES.get(exc.field or "", exc.field)
+        text = exc.message.removeprefix(f"{exc.field}: ")
+        raise OpenAIError(400, f"{param}: {text}", param, "invalid_value") from None
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = [str(p) for p in first.get("loc", ())]
-        if loc:
-            loc[0] = _OUR_NAMES.get(loc[0], loc[0])
-        param = ".".join(loc) or None
         text = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-        for ours, theirs in _OUR_NAMES.items():
-            text = text.replace(ours, theirs)
-        message = f"{param}: {text}" if param else text
-        raise OpenAIError(400, message, param, "invalid_value") from None
+    if loc:
+        loc[0] = _OUR_NAMES.get(loc[0], loc[0])
+    param = ".".join(loc) or None
+    for ours, theirs in _OUR_NAMES.items():
+        text = text.replace(ours, theirs)
+    message = f"{param}: {text}" if param else text
+    raise OpenAIError(400, message, param, "invalid_value")
 
 
 # --- the answer --------------------------------------------------------------------------------
@@ -438,28 +568,42 @@ def register(app: FastAPI, call: _Calls, reads: Sequence[Any]) -> None:
     router = APIRouter(prefix=PREFIX, route_class=_OpenAIRoute, tags=["openai"])
     created = int(time.time())
 
-    @router.get("/models", dependencies=list(reads))
+    def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+        return documented(*statuses, model=OpenAIErrorResponse, meanings=_MEANINGS)
+
+    @router.get("/models", dependencies=list(reads), responses=errors(401, 429, 500, 503))
     async def openai_models() -> Response:
         """The qaserve modes as models, in OpenAI's list format."""
         cards = [model_card(name, created) for name in MODELS]
         return JSONResponse({"object": "list", "data": cards})
 
-    @router.get("/models/{model:path}", dependencies=list(reads))
-    async def openai_model(model: str) -> Response:
+    @router.get(
+        "/models/{model:path}", dependencies=list(reads), responses=errors(401, 404, 429, 500, 503)
+    )
+    async def openai_model(
+        model: str = Path(..., json_schema_extra={"enum": list(MODELS)}),  # 404 for others
+    ) -> Response:
         if model not in MODELS:
             message = f"The model {model!r} does not exist"
             raise OpenAIError(404, message, "model", "model_not_found")
         return JSONResponse(model_card(model, created))
 
-    @router.post("/chat/completions", dependencies=list(reads))
+    @router.post(
+        "/chat/completions",
+        dependencies=[*reads, Depends(json_body)],
+        responses={
+            200: _SSE_DOC,
+            **errors(400, 401, 404, 413, 415, 429, 500, 503, 504),
+        },
+    )
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         """OpenAI chat completions answered by the query pipeline; the mapping and the
         `qaserve` evidence field are in the README ("OpenAI-compatible route")."""
-        query = query_request(body)
+        query = query_request(body, request.app.state.limits)
         backend = _backend(request)
         completion = _Completion(body.model)
         if not body.stream:
-            response = await call("query", backend.query(query))
+            response = await call("query", backend.query(query), request=request)
             return JSONResponse(completion.whole(response, query))
         return await _stream(call, backend, query, completion)
 
@@ -469,14 +613,34 @@ def register(app: FastAPI, call: _Calls, reads: Sequence[Any]) -> None:
         "/{rest:path}",
         methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
         include_in_schema=False,
+        dependencies=list(reads),
     )
     async def openai_unknown(rest: str, request: Request) -> Response:
         if request.url.path in known:
-            raise OpenAIError(405, f"{request.method} is not allowed on {request.url.path}")
+            allow = {"Allow": allowed_methods(request) or ""}
+            message = f"{request.method} is not allowed on {request.url.path}"
+            raise OpenAIError(405, message, headers=allow)
         message = f"qaserve implements {PREFIX}/chat/completions and {PREFIX}/models only"
         raise OpenAIError(404, message, code="unknown_url")
 
     app.include_router(router)
+    _without_422(app)
+
+
+def _without_422(app: FastAPI) -> None:
+    """FastAPI documents a 422 for every route with parameters; these routes never answer
+    one (an invalid request is OpenAI's 400), so it leaves their OpenAPI operations."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = build()
+        for path, operations in schema["paths"].items():
+            if path.startswith(PREFIX):
+                for operation in operations.values():
+                    operation["responses"].pop("422", None)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 async def _stream(

@@ -1,4 +1,6 @@
-"""`qaserve serve`: start local Ray, deploy the graph, ingest the sample corpus, stop cleanly.
+"""`qaserve serve`: claim the data dir (reaping what a killed server left running), start
+local Ray, deploy the graph, wait until it is ready (the sample corpus in an empty store), stop
+cleanly.
 
 Also generates the Ray Serve config file (`serve run` / `serve deploy`) from the same
 GraphConfig, so the file cannot drift from the code: `qaserve serve-config --check FILE`.
@@ -16,10 +18,60 @@ from typing import Any
 
 import yaml
 
+from qaserve.config import ServerConfig
 from qaserve.runtime.graph_config import APP_NAME, GraphConfig
 from qaserve.stages import DEPLOYMENTS
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+ALLOW_PUBLIC = "--allow-unauthenticated-public-access"
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1, and names that resolve to those only (localhost)."""
+    import ipaddress
+    import socket
+
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    if not host:
+        return False  # "" binds every interface
+    try:
+        found = {str(info[4][0]) for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    return bool(found) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in found)
+
+
+def exposure_refusal(host: str, server: ServerConfig) -> str | None:
+    """Why binding `host` without keys is refused; None when there are keys or the address is
+    loopback. An open server on a reachable address lets anyone read, write and delete."""
+    if server.api_keys or is_loopback(host):
+        return None
+    return (
+        f"refusing to listen on {host} without API keys: anyone who can reach it could read, "
+        "write and delete documents; set server.api_keys or QASERVE_API_KEYS, listen on "
+        f"127.0.0.1, or pass {ALLOW_PUBLIC} to accept that"
+    )
+
+
+def check_exposure(host: str, server: ServerConfig, allowed: bool) -> bool:
+    """False (after saying why) when the bind must be refused; a loud warning when the
+    operator allowed an open, reachable server."""
+    refusal = exposure_refusal(host, server)
+    if refusal is None:
+        return True
+    if not allowed:
+        print(f"qaserve: error: {refusal}", file=sys.stderr, flush=True)
+        return False
+    print(
+        f"qaserve: WARNING: listening on {host} WITHOUT API KEYS ({ALLOW_PUBLIC}): anyone who "
+        "can reach this address can read, write and delete every document",
+        file=sys.stderr,
+        flush=True,
+    )
+    return True
 
 
 def free_port() -> int:
@@ -93,22 +145,23 @@ def render_serve_config(
     return header + body
 
 
-def _ingest_sample() -> None:
+def _wait_ready(stop: threading.Event) -> int | None:
+    """Blocks until every stage says ready, as /readyz computes it (the Retriever once it has
+    seeded an empty store with the sample corpus); the documents in the store then, or None
+    when stopped first."""
     from ray import serve
 
-    from qaserve.loaders import sample_documents
-    from qaserve_client.schema import IngestRequest
+    from qaserve.stages import STAGES
 
-    retriever = serve.get_deployment_handle("Retriever", app_name=APP_NAME)
-    if retriever.count.remote().result() > 0:
-        return
-    docs = sample_documents()
-    result = retriever.ingest.remote(IngestRequest(documents=docs)).result()
-    print(
-        f"qaserve: ingested the sample corpus "
-        f"({len(result.ids)} reviews, {result.passages} passages)",
-        flush=True,
-    )
+    handles = {s.name: serve.get_deployment_handle(s.deployment, app_name=APP_NAME) for s in STAGES}
+    while not stop.is_set():
+        try:
+            if all(h.ready.remote().result(timeout_s=30) for h in handles.values()):
+                return int(handles["retriever"].count.remote().result(timeout_s=30))
+        except Exception as exc:  # a replica starting or restarting: not ready yet
+            print(f"qaserve: waiting for readiness: {exc!r}", flush=True)
+        stop.wait(0.5)
+    return None
 
 
 def run_server(
@@ -124,11 +177,24 @@ def run_server(
     import ray
     from ray import serve
 
+    from qaserve.runtime.instance import claim
+
     stop = stop or threading.Event()
+    # Before Ray starts: what a killed server on this data dir left running goes first.
+    instance = claim(Path(cfg.engine.data_dir).expanduser())
+    if instance.reaped:
+        print(
+            f"qaserve: stopped {len(instance.reaped)} processes left running by a killed "
+            f"server on this data dir (pid {instance.previous_pid}): "
+            + ", ".join(sorted(set(instance.reaped))),
+            flush=True,
+        )
     env = {
         k: v
         for k, v in os.environ.items()
-        if k.startswith(("QASERVE_", "HF_")) or k == "TOKENIZERS_PARALLELISM"
+        # QASERVE_API_KEYS stays here: the Ingress gets the keys as digests, in its args.
+        if (k.startswith(("QASERVE_", "HF_")) and k != "QASERVE_API_KEYS")
+        or k == "TOKENIZERS_PARALLELISM"
     }
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see qaserve.threads
     t0 = time.perf_counter()
@@ -141,7 +207,12 @@ def run_server(
     }
     if metrics_port:
         init["_metrics_export_port"] = metrics_port
-    ray.init(**init)
+    try:
+        ray.init(**init)
+    except BaseException:
+        instance.release()
+        raise
+    phases = {"Ray": time.perf_counter() - t0}
     # After ray.init, which installs a SIGTERM handler of its own that aborts the driver.
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -152,15 +223,21 @@ def run_server(
         serve.start(
             http_options={"host": host, "port": port}, logging_config=cfg.logging.model_dump()
         )
+        phases["Serve"] = time.perf_counter() - t0 - sum(phases.values())
+        # The Retriever seeds an empty store itself, not ready until then (/readyz 503).
+        cfg = cfg.model_copy(update={"sample_corpus": sample})
         serve.run(build_graph(cfg), name=APP_NAME, route_prefix="/")
-        if sample:
-            _ingest_sample()
-        url = f"http://{host}:{port}"
-        print(
-            f"qaserve: serving on {url} (ready in {time.perf_counter() - t0:.1f} s); "
-            f"docs at {url}/docs",
-            flush=True,
-        )
+        phases["deployments"] = time.perf_counter() - t0 - sum(phases.values())
+        documents = _wait_ready(stop)
+        if documents is not None:
+            phases["stages ready"] = time.perf_counter() - t0 - sum(phases.values())
+            took = ", ".join(f"{k} {v:.1f} s" for k, v in phases.items())
+            url = f"http://{host}:{port}"
+            print(
+                f"qaserve: serving on {url} (ready in {time.perf_counter() - t0:.1f} s: {took}; "
+                f"{documents} documents); docs at {url}/docs",
+                flush=True,
+            )
         if metrics_port:
             print(
                 f"qaserve: Prometheus metrics on http://127.0.0.1:{metrics_port}/metrics",
@@ -174,6 +251,7 @@ def run_server(
             serve.shutdown()
         finally:
             ray.shutdown()
+            instance.release()
 
 
 def register(sub: Any) -> None:
@@ -187,6 +265,7 @@ def register(sub: Any) -> None:
     p.add_argument("--num-cpus", type=float, default=None, help="CPUs Ray may use (default: all)")
     p.add_argument("--metrics-port", type=int, default=None, help="export Prometheus metrics here")
     p.add_argument("--no-sample", action="store_true", help="do not ingest the sample corpus")
+    add_allow_public(p)
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("serve-config", help="print (or --check) the Ray Serve config file")
@@ -205,9 +284,27 @@ def register(sub: Any) -> None:
     p.set_defaults(func=_cmd_serve_config)
 
 
+def add_allow_public(p: Any) -> None:
+    p.add_argument(
+        ALLOW_PUBLIC,
+        dest="allow_public",
+        action="store_true",
+        help="listen on a non-loopback address without API keys (anyone reaching it can "
+        "read, write and delete); refused otherwise",
+    )
+
+
 def _cmd_serve(args: Any) -> int:
     cfg = GraphConfig.load(resolve_config(args.config or "local.yaml"), data_dir=args.data_dir)
-    run_server(cfg, args.host, args.port, args.num_cpus, not args.no_sample, args.metrics_port)
+    if not check_exposure(args.host, cfg.server, args.allow_public):
+        return 2
+    from qaserve.runtime.instance import DataDirBusy
+
+    try:
+        run_server(cfg, args.host, args.port, args.num_cpus, not args.no_sample, args.metrics_port)
+    except DataDirBusy as exc:
+        print(f"qaserve: error: {exc}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 

@@ -118,10 +118,11 @@
     if (s === 413) {
       return [`Too large: ${err.message}`, "Split the documents into smaller files."];
     }
-    if (s === 503) {
+    if (s === 503 || s === 429) {
       const wait = Number.parseInt(err.retryAfter || "", 10);
       const when = Number.isFinite(wait) && wait > 0 ? `in ${plural(wait, "second")}` : "shortly";
-      return [`The server is busy or starting: ${err.message}`, `Please retry ${when}.`];
+      const what = s === 429 ? "Too many requests for this key" : "The server is busy or starting";
+      return [`${what}: ${err.message}`, `Please retry ${when}.`];
     }
     if (s === 504) {
       return [`Timed out: ${err.message}`, "Try again, perhaps with fewer documents (top-k)."];
