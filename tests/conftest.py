@@ -17,6 +17,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _environment_per_module() -> Iterator[None]:
+    """Each test module leaves os.environ as it found it: `ray.init` sets RAY_AUTH_MODE=token
+    in the process, and a Ray cluster started later in the session (tests/test_cluster.py)
+    then puts its dashboard behind a token the harness does not send."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 # --- a served engine on tiny models (tests/tiny_models.py), shared by API, SDK and Ray tests ---
 
 WRITE_KEY = "test-write-key-0001"
