@@ -19,6 +19,7 @@ run() {  # name, PYTHONPATH ('' = this tree), round
   echo "== $1 round $3"
   "$PY" -m qaserve.cli drill writers --url "http://127.0.0.1:$PORT" | grep -E '"(median_s|p95_s|max_s|docs_per_s|acked_present)"'
   pkill -TERM -f "serve --port $PORT --data-dir $D"; sleep 12
+  # Ray workers sit in their own process groups: this kills every Ray worker on the machine.
   pkill -9 -f "serve --port $PORT --data-dir $D"; pkill -9 -f "ray::"; sleep 3
   rm -rf "$D" "$LOG"
 }
