@@ -29,7 +29,13 @@ from qaserve.config import EngineConfig, GeneratorConfig
 from qaserve.deployments.prior import document_prior, generate_response
 from qaserve.errors import BadRequest, ConfigError
 from qaserve.threads import bound_threads
-from qaserve_client.schema import GeneratedToken, GenerateResponse, ModelInfo, ReadDocument
+from qaserve_client.schema import (
+    GeneratedToken,
+    GenerateRequest,
+    GenerateResponse,
+    ModelInfo,
+    ReadDocument,
+)
 
 SYSTEM_PROMPT = (
     "Answer the question briefly, using only the document. "
@@ -448,6 +454,22 @@ class RagTokenGenerator:
         return (
             self._token(choice, text, documents)
             for choice in self._greedy(session, log_prior, steps, cancel)
+        )
+
+    def generate_request(
+        self, request: GenerateRequest, cancel: CancelToken | None = None
+    ) -> GenerateResponse:
+        """`generate` for a wire request, as both transports call it."""
+        return self.generate(
+            request.question, request.documents, request.max_new_tokens, request.num_beams, cancel
+        )
+
+    def stream_request(
+        self, request: GenerateRequest, cancel: CancelToken | None = None
+    ) -> Iterator[GeneratedToken]:
+        """`stream` for a wire request, as both transports call it."""
+        return self.stream(
+            request.question, request.documents, request.max_new_tokens, request.num_beams, cancel
         )
 
     def _beam_tokens(

@@ -26,26 +26,14 @@ class GeneratorDeployment:
 
     async def generate(self, request: GenerateRequest) -> GenerateResponse:
         return await run_cancellable(
-            lambda cancel: self.generator.generate(
-                request.question,
-                request.documents,
-                request.max_new_tokens,
-                request.num_beams,
-                cancel,
-            )
+            lambda cancel: self.generator.generate_request(request, cancel)
         )
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[GeneratedToken]:
         """Tokens as they are decided; a cancelled call stops the decoding."""
         cancel = CancelToken()
         tokens = iterate_blocking(
-            lambda: self.generator.stream(
-                request.question,
-                request.documents,
-                request.max_new_tokens,
-                request.num_beams,
-                cancel,
-            ),
+            lambda: self.generator.stream_request(request, cancel),
             None,
             cancel,
         )

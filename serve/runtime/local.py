@@ -138,26 +138,14 @@ class LocalStages(WriteOwner):
 
     async def generate(self, request: GenerateRequest) -> GenerateResponse:
         return await run_cancellable(
-            lambda cancel: self.generator.generate(
-                request.question,
-                request.documents,
-                request.max_new_tokens,
-                request.num_beams,
-                cancel,
-            ),
+            lambda cancel: self.generator.generate_request(request, cancel),
             self._pool,
         )
 
     def generate_stream(self, request: GenerateRequest) -> AsyncIterator[GeneratedToken]:
         cancel = CancelToken()
         return iterate_blocking(
-            lambda: self.generator.stream(
-                request.question,
-                request.documents,
-                request.max_new_tokens,
-                request.num_beams,
-                cancel,
-            ),
+            lambda: self.generator.stream_request(request, cancel),
             self._pool,
             cancel,
         )

@@ -29,7 +29,6 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Annotated, Any, Literal
 
-import annotated_types
 from fastapi import APIRouter, Depends, FastAPI, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -46,7 +45,7 @@ from qaserve.errors import (
     RateLimited,
     Unauthorized,
 )
-from qaserve.limits import Limits
+from qaserve.limits import SCHEMA_MAX_NEW_TOKENS, Limits, schema_max
 from qaserve.pipeline import Event
 from qaserve.runtime.api import ClientGone, _backend, _Calls
 from qaserve.runtime.middleware import json_body
@@ -84,16 +83,6 @@ MODELS: dict[str, QueryMode] = {
 NO_ANSWER = "I could not find an answer to that in the documents."
 OWNER = "qaserve"
 
-
-def _upper_bound(model: type[BaseModel], field: str) -> int:
-    """The `le` of a field of the wire schema, so the cap here follows the schema."""
-    for constraint in model.model_fields[field].metadata:
-        if isinstance(constraint, annotated_types.Le):
-            return int(constraint.le)  # type: ignore[call-overload]
-    raise LookupError(f"{model.__name__}.{field} has no upper bound")
-
-
-MAX_NEW_TOKENS = _upper_bound(QueryRequest, "max_new_tokens")
 
 # QueryRequest's fields that an OpenAI request names differently, for error messages.
 _OUR_NAMES = {"question": "messages", "top_k_retriever": "top_k", "max_new_tokens": "max_tokens"}
@@ -344,13 +333,13 @@ class ChatCompletionRequest(JsonRequest):
     top_k: int | None = Field(
         None,
         ge=1,
-        le=_upper_bound(QueryRequest, "top_k_retriever"),
+        le=schema_max(QueryRequest, "top_k_retriever"),
         description="Documents retrieved (top_k_retriever).",
     )
-    top_k_reader: int | None = Field(None, ge=1, le=_upper_bound(QueryRequest, "top_k_reader"))
+    top_k_reader: int | None = Field(None, ge=1, le=schema_max(QueryRequest, "top_k_reader"))
     retrieval: RetrievalMode | None = None
-    max_answer_len: int | None = Field(None, ge=1, le=_upper_bound(QueryRequest, "max_answer_len"))
-    num_beams: int | None = Field(None, ge=1, le=_upper_bound(QueryRequest, "num_beams"))
+    max_answer_len: int | None = Field(None, ge=1, le=schema_max(QueryRequest, "max_answer_len"))
+    num_beams: int | None = Field(None, ge=1, le=schema_max(QueryRequest, "num_beams"))
 
 
 def _unsupported(body: ChatCompletionRequest) -> OpenAIError | None:
@@ -397,7 +386,7 @@ def query_request(body: ChatCompletionRequest, limits: Limits | None = None) -> 
     fields: dict[str, Any] = {"question": _question(body.messages), "mode": mode}
     limit = body.max_completion_tokens or body.max_tokens
     if limit is not None:
-        fields["max_new_tokens"] = min(limit, MAX_NEW_TOKENS)
+        fields["max_new_tokens"] = min(limit, SCHEMA_MAX_NEW_TOKENS)
     extras = {
         "filters": body.filters,
         "collection": body.collection,
