@@ -230,7 +230,11 @@ class RetrieveRequest(_Strict):
     top_k: int = Field(5, ge=1, le=MAX_TOP_K)
     filters: Filters | None = None
     collection: Collection | None = None
-    retrieval: RetrievalMode = "dense"
+    retrieval: RetrievalMode | None = Field(
+        None,
+        description="dense, sparse (BM25) or hybrid (RRF of both); unset: the server's "
+        "configured mode (store.retrieval).",
+    )
 
     _filters = field_validator("filters")(_check_filters)
 
@@ -348,7 +352,11 @@ class QueryRequest(_Strict):
     filters: Filters | None = None
     collection: Collection | None = None
     mode: QueryMode = "ensemble"
-    retrieval: RetrievalMode = "dense"
+    retrieval: RetrievalMode | None = Field(
+        None,
+        description="dense, sparse (BM25) or hybrid (RRF of both); unset: the server's "
+        "configured mode (store.retrieval).",
+    )
     max_answer_len: int | None = Field(
         None, ge=1, le=512, description="Reader span limit in tokens; unset: the server's."
     )

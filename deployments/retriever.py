@@ -104,6 +104,10 @@ class Retriever:
         self._stores: dict[str, DocumentStore] = {}
         self._lock = threading.Lock()
 
+    @property
+    def default_mode(self) -> RetrievalMode:
+        return self.cfg.store.retrieval
+
     def _store(self, collection: str | None) -> DocumentStore:
         name = collection or self.cfg.store.collection
         with self._lock:
@@ -171,10 +175,12 @@ class Retriever:
         top_k: int = 5,
         filters: Filters | None = None,
         collection: str | None = None,
-        mode: RetrievalMode = "dense",
+        mode: RetrievalMode | None = None,
         vector: np.ndarray | None = None,
     ) -> list[RetrievedDocument]:
-        """`vector` is the query's embedding when the caller computed it (batched, remote)."""
+        """`vector` is the query's embedding when the caller computed it (batched, remote);
+        mode None is the configured one (store.retrieval)."""
+        mode = mode or self.default_mode
         if mode not in _MODES:
             raise BadRequest(f"retrieval mode {mode!r}: expected one of {_MODES}", "retrieval")
         if not 1 <= top_k <= MAX_TOP_K:

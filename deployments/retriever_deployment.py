@@ -103,7 +103,7 @@ class RetrieverDeployment(WriteOwner):
 
     async def retrieve(self, request: RetrieveRequest) -> list[RetrievedDocument]:
         vector = None  # unbatched: Retriever.retrieve embeds the query in the same thread
-        if self.batched and request.retrieval != "sparse":
+        if self.batched and (request.retrieval or self.retriever.default_mode) != "sparse":
             vector = await self._embed_queries(request.query)
         return await asyncio.to_thread(
             self.retriever.retrieve,

@@ -14,11 +14,17 @@ fail (vector shapes, BM25 vectors, payloads) is built before the first write, so
 never leaves the collection half-replaced.
 
 BM25 uses Qdrant Edge's built-in embedder on both backends: the same token ids and weights as
-Qdrant server's own BM25, and no fastembed (which downloads models) for qdrant-client.
+Qdrant server's own BM25, and no fastembed (which downloads models) for qdrant-client. Each
+collection records the analyser it was built with (stop words, stemming) and keeps using it, so
+a config change never splits one index into two vocabularies. BM25 and hybrid results are
+filled to top_k from the filtered set (`_QdrantStore._fill`): a query whose terms match few of
+an item's reviews, or only stop words, still gets k reviews.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import re
 import threading
@@ -45,6 +51,8 @@ _POINT_NS = uuid.UUID("6f1c6d3e-5b7a-4c1e-9a55-0a6a2f7f6b10")
 _COLLECTION_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 _SIMPLE_KEY_RE = re.compile(r"^[A-Za-z0-9_]+$")
 _HIDDEN = ["parent_text"]  # never sent back with search hits
+
+log = logging.getLogger(__name__)
 
 
 def point_id(doc_id: str, passage: int) -> str:
@@ -165,13 +173,69 @@ def _document_groups(
         yield group
 
 
+# Function words only: Qdrant's English list also drops words that carry an opinion or a
+# quantity ("not", "very", "too", "more", "most", "only", "off", "up", "down", "all", "few").
+_SHORT = """a an the and or but if so as than then of to in on at by for with from into about
+    is are was were be been being am do does did doing have has had having
+    i me my you your he him his she her it its we us our they them their this that these those
+    what which who whom whose how why when where there here can could would should will shall
+    may might must just"""
+SHORT_STOPWORDS = frozenset(_SHORT.split())
+
+
+@dataclass(frozen=True)
+class Bm25Analyser:
+    """How text becomes BM25 terms; a collection records the one it was built with, since
+    query terms must be made as its documents' were."""
+
+    stopwords: str = "english"  # "english" (Qdrant's list), "short" (SHORT_STOPWORDS), "none"
+    stemmer: bool = True  # English Snowball
+
+    @classmethod
+    def of(cls, cfg: StoreConfig) -> Bm25Analyser:
+        return cls(cfg.bm25_stopwords, cfg.bm25_stemmer)
+
+    def record(self) -> dict[str, Any]:
+        return {"stopwords": self.stopwords, "stemmer": self.stemmer}
+
+    @classmethod
+    def from_record(cls, record: Any, collection: str) -> Bm25Analyser:
+        try:
+            a = cls(str(record["stopwords"]), bool(record["stemmer"]))
+            a.encoder()  # a setting this version does not know
+            return a
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(
+                f"collection {collection!r} records a BM25 analyser this version cannot "
+                f"reproduce ({record!r}); re-ingest it into a new collection"
+            ) from e
+
+    def encoder(self) -> Bm25Encoder:
+        return Bm25Encoder(self)
+
+
+# What collections written before the analyser was recorded were built with.
+LEGACY_ANALYSER = Bm25Analyser("english", True)
+_ANALYSER_KEY = "qaserve_bm25"  # collection metadata (qdrant-client) / file name (Edge)
+
+
 class Bm25Encoder:
     """Qdrant's BM25 (tokenise, stem, drop stop words, TF saturation); IDF is the store's."""
 
-    def __init__(self) -> None:
-        from qdrant_edge import Bm25, Bm25Config
+    def __init__(self, analyser: Bm25Analyser = LEGACY_ANALYSER) -> None:
+        from qdrant_edge import Bm25, Bm25Config, DisabledStemmer, StopwordsSet
 
-        self._bm25 = Bm25(Bm25Config(language="english"))
+        words = {"english": None, "short": StopwordsSet(custom=set(SHORT_STOPWORDS))}
+        words["none"] = StopwordsSet()
+        if analyser.stopwords not in words:
+            raise ValueError(f"BM25 stop words {analyser.stopwords!r}: expected one of {[*words]}")
+        config = Bm25Config(
+            language="english",
+            stopwords=words[analyser.stopwords],
+            stemmer=None if analyser.stemmer else DisabledStemmer(),
+        )
+        self.analyser = analyser
+        self._bm25 = Bm25(config)
 
     def document(self, text: str) -> tuple[list[int], list[float]]:
         v = self._bm25.embed_document(text)
@@ -284,12 +348,16 @@ class _QdrantStore(ABC):
         self.collection = check_collection(collection)
         self.dim = dim
         self.cfg = cfg
-        self._bm25 = Bm25Encoder()
+        self.analyser = Bm25Analyser.of(cfg)  # for a new collection; see _encoder
+        self._bm25: Bm25Encoder | None = None
         self._m = self._models()
 
     @staticmethod
     @abstractmethod
     def _models() -> _Models: ...
+
+    @abstractmethod
+    def exists(self) -> bool: ...
 
     @abstractmethod
     def _open(self, create: bool) -> bool:
@@ -317,6 +385,37 @@ class _QdrantStore(ABC):
     @abstractmethod
     def _count(self, flt: Any) -> int: ...
 
+    @abstractmethod
+    def _scroll(self, flt: Any, limit: int) -> list[Any]:
+        """Up to `limit` records (`.payload`) matching `flt`, in point-id order."""
+
+    @abstractmethod
+    def _analyser_record(self) -> Any:
+        """The analyser record of the existing collection; None: it has none (built before
+        analysers were recorded). A new collection records `self.analyser`."""
+
+    def _encoder(self) -> Bm25Encoder:
+        """The BM25 encoder of the collection's own analyser, whatever the config says now;
+        the configured one while the collection does not exist (its creation records it)."""
+        if self._bm25 is not None:
+            return self._bm25
+        if not self.exists():
+            return self.analyser.encoder()
+        record = self._analyser_record()
+        built = (
+            LEGACY_ANALYSER if record is None else Bm25Analyser.from_record(record, self.collection)
+        )
+        if built != self.analyser:
+            log.info(
+                "collection %r was built with BM25 analyser %s, not the configured %s: using %s",
+                self.collection,
+                built,
+                self.analyser,
+                built,
+            )
+        self._bm25 = built.encoder()
+        return self._bm25
+
     def _match(self, path: str, v: str | int | float | bool) -> Any:
         m = self._m
         if isinstance(v, float):  # Qdrant matches keywords, integers and bools only
@@ -341,11 +440,12 @@ class _QdrantStore(ABC):
         m = self._m
         _check_vectors(docs, vectors, self.dim)
         docs, vectors = _last_wins(docs, vectors)
+        bm25 = self._encoder()
         per_doc: list[list[Any]] = []
         for doc, vec in zip(docs, vectors, strict=True):
             points = []
             for p, v in zip(doc.passages, vec, strict=True):
-                idx, val = self._bm25.document(p.text)
+                idx, val = bm25.document(p.text)
                 named: dict[str, Any] = {DENSE: v.astype(np.float32).tolist()}
                 if idx:
                     named[SPARSE] = m.SparseVector(indices=idx, values=val)
@@ -398,13 +498,40 @@ class _QdrantStore(ABC):
                 raise ValueError(f"mode {mode!r} needs a query vector")
             queries[DENSE] = np.asarray(vector, np.float32).tolist()
         if mode in ("sparse", "hybrid"):
-            idx, val = self._bm25.query(text)
+            idx, val = self._encoder().query(text)
             if idx:
                 queries[SPARSE] = self._m.SparseVector(indices=idx, values=val)
-        if not queries:  # only stop words in a BM25 query
-            return []
-        points = self._query(flt, top_k, queries, depth=max(top_k * 4, 20))
-        return [_hit(p.payload or {}, p.score) for p in points]
+        points = self._query(flt, top_k, queries, depth=max(top_k * 4, 20)) if queries else []
+        hits = [_hit(p.payload or {}, p.score) for p in points]
+        if mode != "dense" and len(hits) < top_k:
+            hits += self._fill(flt, hits, top_k - len(hits))
+        return hits
+
+    def _fill(self, flt: Any, hits: list[RetrievedDocument], need: int) -> list[RetrievedDocument]:
+        """Up to `need` more passages of the filtered set, scored 0.0 (below every BM25 or
+        RRF score, which are positive), so a BM25 query that matched few documents, or only
+        stop words, still returns top_k whenever the filter holds that many.
+
+        Passage 0 of documents not yet returned first, then other passages; each in point-id
+        order (stable: point ids derive from doc id and passage number). Dense search ranks
+        every point, so only sparse and hybrid (whose dense leg is `depth` deep) come here.
+        """
+        m = self._m
+        inside = [flt] if flt is not None else []
+        seen_docs = sorted({h.id for h in hits})
+        not_seen = [m.FieldCondition(key="doc_id", match=m.MatchAny(any=seen_docs))] if hits else []
+        first = m.Filter(must=[*inside, self._match("passage", 0)], must_not=not_seen or None)
+        records = self._scroll(first, need)
+        if len(records) < need:  # fewer new documents than asked: their other passages
+            seen = {(h.id, h.passage) for h in hits}
+            seen |= {(r.payload["doc_id"], 0) for r in records if r.payload}
+            more = self._scroll(m.Filter(must=inside) if inside else None, need + len(seen))
+            records += [
+                r
+                for r in more
+                if r.payload and (r.payload["doc_id"], r.payload["passage"]) not in seen
+            ]
+        return [_hit(r.payload or {}, 0.0) for r in records[:need]]
 
     def count(self) -> int:
         if not self._open(create=False):
@@ -415,16 +542,21 @@ class _QdrantStore(ABC):
 # --- Qdrant Edge -------------------------------------------------------------------------
 
 
-def _open_shard(path: Path, config: Any) -> Any:
+def _open_shard(path: Path, config: Any, analyser: Bm25Analyser) -> Any:
     from qdrant_edge import EdgeShard
 
     try:
         if (path / "edge_config.json").exists():
             return EdgeShard.load(str(path), config)
         path.mkdir(parents=True, exist_ok=True)
+        _analyser_file(path).write_text(json.dumps(analyser.record()))  # before the shard
         return EdgeShard.create(str(path), config)
     except Exception as e:
         raise ConfigError(f"cannot open Qdrant Edge shard {path}: {e}") from e
+
+
+def _analyser_file(path: Path) -> Path:
+    return path / f"{_ANALYSER_KEY}.json"
 
 
 def _close_shard(shard: Any) -> None:
@@ -474,8 +606,10 @@ class EdgeStore(_QdrantStore):
             if self._shard is None:
                 if not create and not self.exists():
                     return False
-                config = self._config()
-                shard, lock = _SHARDS.acquire(self.path, lambda: _open_shard(self.path, config))
+                config, new = self._config(), self.analyser
+                shard, lock = _SHARDS.acquire(
+                    self.path, lambda: _open_shard(self.path, config, new)
+                )
                 with lock:
                     self._ensure_indexes(shard)
                 self._shard, self._lock = shard, lock
@@ -547,6 +681,17 @@ class EdgeStore(_QdrantStore):
         from qdrant_edge import CountRequest
 
         return self._shard.count(CountRequest(exact=True, filter=flt))
+
+    def _scroll(self, flt: Any, limit: int) -> list[Any]:
+        from qdrant_edge import PayloadSelector, ScrollRequest
+
+        exclude = PayloadSelector.Exclude(_HIDDEN)
+        req = ScrollRequest(limit=limit, filter=flt, with_payload=exclude, with_vector=False)
+        return list(self._shard.scroll(req)[0])
+
+    def _analyser_record(self) -> Any:
+        path = _analyser_file(self.path)
+        return json.loads(path.read_text()) if path.exists() else None
 
     def optimize(self) -> bool:
         """Build HNSW / vacuum deletes now (Edge has no background optimizer)."""
@@ -640,6 +785,7 @@ class QdrantClientStore(_QdrantStore):
                 )
             },
             sparse_vectors_config={SPARSE: m.SparseVectorParams(modifier=m.Modifier.IDF)},
+            metadata={_ANALYSER_KEY: self.analyser.record()},
             **self.cluster_settings(),
         )
         if not self.local:  # local mode has no payload indexes (and warns)
@@ -701,6 +847,21 @@ class QdrantClientStore(_QdrantStore):
     def _count(self, flt: Any) -> int:
         with self._lock:
             return int(self._client.count(self.collection, count_filter=flt, exact=True).count)
+
+    def _scroll(self, flt: Any, limit: int) -> list[Any]:
+        from qdrant_client import models as m
+
+        payload = m.PayloadSelectorExclude(exclude=_HIDDEN)
+        with self._lock:
+            records, _ = self._client.scroll(
+                self.collection, scroll_filter=flt, limit=limit, with_payload=payload
+            )
+        return records
+
+    def _analyser_record(self) -> Any:
+        with self._lock:
+            metadata = self._client.get_collection(self.collection).config.metadata
+        return (metadata or {}).get(_ANALYSER_KEY)
 
     def info(self) -> ModelInfo:
         where = self.url if not self.local else f"local {self.url}"

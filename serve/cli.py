@@ -308,7 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="metadata filter; repeat a key for any-of; KEY:=JSON for typed values",
     )
     p.add_argument("--mode", choices=["extractive", "generative", "ensemble"], default="ensemble")
-    p.add_argument("--retrieval", choices=["dense", "sparse", "hybrid"], default="dense")
+    p.add_argument(
+        "--retrieval",
+        choices=["dense", "sparse", "hybrid"],
+        default=None,
+        help="default: the server's configured mode",
+    )
     p.add_argument("--top-k-retriever", type=int, default=5)
     p.add_argument("--top-k-reader", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the config's")
@@ -353,6 +358,7 @@ def _extensions() -> list[Callable[[Any], None]]:
         "qaserve.runtime.server",
         "qaserve.offline.autoscale",
         "qaserve.offline.train_reader",
+        "qaserve.offline.train_retriever",
         "qaserve.offline.evaluate",
         "qaserve.offline.bench",
         "qaserve.offline.drills",

@@ -132,6 +132,8 @@ class StoreConfig(_Cfg):
         default_factory=lambda: os.environ.get("QDRANT_API_KEY"), exclude=True, repr=False
     )
     collection: str = "documents"
+    # The mode a query gets when it names none (a query may pick dense, sparse or hybrid).
+    retrieval: Literal["dense", "sparse", "hybrid"] = "dense"
     passage_tokens: int = 200
     passage_overlap: int = 32
     indexed_fields: list[str] = Field(default_factory=lambda: ["item_id"])
@@ -141,6 +143,12 @@ class StoreConfig(_Cfg):
     replication_factor: int | None = Field(None, ge=1)
     write_consistency_factor: int | None = Field(None, ge=1)
     on_disk: bool = False  # original vectors on disk (memmap) instead of in RAM
+    # BM25 analyser of a NEW collection; an existing one keeps the one it was built with.
+    # Stop words: a short list of function words (store.SHORT_STOPWORDS, keeps "not", "very",
+    # "more"...), Qdrant's English list, or none; English Snowball stemming on or off.
+    # On SubjQA dev "short" and "english" tie, stemming helps, no stop words is worse.
+    bm25_stopwords: Literal["short", "english", "none"] = "short"
+    bm25_stemmer: bool = True
 
 
 class ReaderConfig(_Cfg):
@@ -151,6 +159,13 @@ class ReaderConfig(_Cfg):
     doc_stride: int = 128
     max_question_len: int = 64
     max_answer_len: int = 15
+    # Several documents: "no answer" wins unless the best span beats the no-answer score of
+    # every document read ("most_confident"), or only that of its own document
+    # ("best_document": the transformers pipeline's rule on that document alone). Chosen on the
+    # four dev splits (docs/RESULTS.md): "most_confident" +15 points of official F1 at
+    # 5 documents, because a span from the wrong review of the item beats that review's own
+    # no-answer far more often than it is right.
+    no_answer: Literal["most_confident", "best_document"] = "most_confident"
     device: str = "cpu"
 
 

@@ -113,7 +113,8 @@ def _align(text: str, indices: str, context: str, report: AlignmentReport) -> Go
 
 
 def _resolve(paths: str | Path | Sequence[str | Path], split: str | None) -> list[Path]:
-    """A CSV file, a domain folder (+split), the data root (+split: every domain), or a list."""
+    """A CSV file, a domain folder (+split), the data root (+split: every domain), or a list.
+    A domain folder may be the public repository's `<domain>/` holding `splits/`."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
     files: list[Path] = []
@@ -125,8 +126,12 @@ def _resolve(paths: str | Path | Sequence[str | Path], split: str | None) -> lis
                 raise ValueError(f"{p} is a folder: name a split ({', '.join(SPLITS)})")
             if (p / f"{split}.csv").is_file():
                 files.append(p / f"{split}.csv")
+            elif (p / "splits" / f"{split}.csv").is_file():
+                files.append(p / "splits" / f"{split}.csv")
             else:
-                found = sorted(p.glob(f"*/{split}.csv"))
+                # the data root: ours (<domain>/split.csv) or the public repository's
+                # layout (SubjQA/<domain>/splits/split.csv)
+                found = sorted(p.glob(f"*/{split}.csv")) or sorted(p.glob(f"*/splits/{split}.csv"))
                 if not found:
                     raise FileNotFoundError(f"no {split}.csv under {p}")
                 files.extend(found)

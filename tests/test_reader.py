@@ -306,11 +306,15 @@ def test_no_answer_score_is_the_pipelines_null_score(fp32: Reader, torch_model, 
         assert "" not in {a.answer for a in got.answers}  # only when asked for
 
 
-def test_several_documents_rank_together(fp32: Reader, torch_model: Any, tokenizer: Any) -> None:
+@pytest.mark.parametrize("rule", ["most_confident", "best_document"])
+def test_several_documents_rank_together(
+    rule: str, random_ckpt: Path, cache: Path, torch_model: Any, tokenizer: Any
+) -> None:
+    reader = make_reader(random_ckpt, cache, "fp32", no_answer=rule)
     question = "How is it?"
     docs = [ReadDocument(id=f"d{i}", text=c) for i, (_, c) in enumerate(CASES[:4])]
     docs[2] = ReadDocument(text=docs[2].text)  # no id: its index stands in
-    got = fp32.read(question, docs, top_k=8, handle_impossible_answer=True)
+    got = reader.read(question, docs, top_k=8, handle_impossible_answer=True)
     ids = ["d0", "d1", "2", "d3"]
     # Each document's top 8 as the pipeline ranks them; the overall top 8 is among them.
     spans = {
@@ -318,10 +322,17 @@ def test_several_documents_rank_together(fp32: Reader, torch_model: Any, tokeniz
         for doc_id, doc in zip(ids, docs, strict=True)
         for w in pipeline_reference(torch_model, tokenizer, question, doc.text, 8)
     }
-    best_doc = max(spans, key=spans.__getitem__)[0]
-    null = reference_null(torch_model, tokenizer, question, docs[ids.index(best_doc)].text)
+    nulls = {
+        i: reference_null(torch_model, tokenizer, question, d.text)
+        for i, d in zip(ids, docs, strict=True)
+    }
+    if rule == "best_document":  # the null of the document holding the best span
+        null_doc = max(spans, key=spans.__getitem__)[0]
+    else:  # the most confident "no answer" among the documents read
+        null_doc = max(nulls, key=nulls.__getitem__)
+    null = nulls[null_doc]
     assert got.no_answer_score == pytest.approx(null, rel=1e-4)
-    want = sorted([*spans.items(), ((best_doc, "", 0), null)], key=lambda kv: kv[1], reverse=True)[
+    want = sorted([*spans.items(), ((null_doc, "", 0), null)], key=lambda kv: kv[1], reverse=True)[
         :8
     ]
     assert [(a.document_id, a.answer, a.start) for a in got.answers] == [k for k, _ in want]

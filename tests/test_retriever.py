@@ -227,7 +227,8 @@ def test_bm25_finds_the_exact_rare_term_dense_misses(retriever: Retriever) -> No
     dense = retriever.retrieve("qx7741", top_k=3, mode="dense")
     assert dense[0].id == "near2"  # a look-alike code fools the encoder
     sparse = retriever.retrieve("qx7741", top_k=3, mode="sparse")
-    assert [h.id for h in sparse] == ["target"]
+    assert sparse[0].id == "target"  # the only match; the rest fill to k, scored 0.0
+    assert len(sparse) == 3 and [h.score for h in sparse[1:]] == [0.0, 0.0]
     hybrid = retriever.retrieve("qx7741", top_k=3, mode="hybrid")
     assert hybrid[0].id == "target"
     assert {h.id for h in hybrid[1:]} <= {h.id for h in dense}  # fused from both lists
@@ -294,3 +295,27 @@ def test_edge_retriever_reopens(tmp_path: Path, embedder: Embedder) -> None:
         assert r.count() == 5
         assert r.get("long").text == LONG_TEXT
         assert r.retrieve("crispy cheese", top_k=3, mode="hybrid") == before
+
+
+def test_a_query_without_a_mode_gets_the_configured_one(
+    backend: str, tmp_path: Path, embedder: Embedder
+) -> None:
+    """The server owns the default retrieval mode (store.retrieval); a query may pick."""
+    docs = [
+        DocumentIn(
+            id="target",
+            text="Shipping was quick and the box arrived intact on a rainy Tuesday. The "
+            "packaging used recycled cardboard and paper tape. Inside, a sticker on the flap "
+            "said qx7741 next to the barcode. The manual was printed in French and German only.",
+        ),
+        DocumentIn(id="near1", text="Firmware qx7714 fixed the printer."),
+        DocumentIn(id="near2", text="Model qz7741 is the newer printer."),
+        DocumentIn(id="near3", text="Part xq7741 replaced the toner."),
+        *REVIEWS,
+    ]
+    with Retriever(_cfg(backend, tmp_path, retrieval="sparse"), embedder) as r:
+        r.ingest(docs)
+        default = r.retrieve("qx7741", top_k=3)
+        assert [h.id for h in default] == [h.id for h in r.retrieve("qx7741", 3, mode="sparse")]
+        assert default[0].id == "target"
+        assert r.retrieve("qx7741", top_k=3, mode="dense")[0].id == "near2"

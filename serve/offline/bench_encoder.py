@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from qaserve.offline.protocol import load_domain, random_rankings, recall_table
 
 RUNTIMES = ("torch", "onnx-fp32", "onnx-int8")
 KS = (1, 3, 5)
@@ -31,25 +32,6 @@ def _ranked(
 ) -> list[str]:
     scores = [float(vectors[c] @ question) for c in candidates]
     return [c for _, c in sorted(zip(scores, candidates, strict=True), key=lambda x: -x[0])]
-
-
-def recall_table(
-    ranked: dict[str, list[str]], examples: list[Any], texts: dict[str, str]
-) -> dict[str, float]:
-    """Strict and book-style recall@k over `examples` given each question's ranking."""
-    out: dict[str, float] = {}
-    for k in KS:
-        strict, book = [], []
-        for ex in examples:
-            top = ranked[ex.id][:k]
-            strict.append(float(ex.review_id in top))
-            spans = [g for g in ex.gold_texts if g]
-            book.append(
-                float(any(any(s in texts[r] for s in spans) for r in top)) if spans else 1.0
-            )
-        out[f"strict@{k}"] = round(float(np.mean(strict)), 4)
-        out[f"book@{k}"] = round(float(np.mean(book)), 4)
-    return out
 
 
 def bench_encoder(
@@ -65,31 +47,21 @@ def bench_encoder(
     from qaserve.config import EmbedderConfig, EngineConfig
     from qaserve.deployments.retriever import build_embedder
     from qaserve.offline.bench import machine_info
-    from qaserve.subjqa import SPLITS, load_subjqa, unique_reviews
 
-    if data.is_dir():
-        loaded = [ex for s in SPLITS if (data / f"{s}.csv").exists() for ex in load_subjqa(data, s)]
-        questions = load_subjqa(data, split)
-    else:
-        loaded = load_subjqa(data)
-        questions = list(loaded)
-    questions = questions[:limit] if limit else questions
-    reviews = unique_reviews(loaded)
-    texts = {str(d.id): d.text for d in reviews}
-    by_item: dict[str, list[str]] = {}
-    for d in reviews:
-        by_item.setdefault(str(d.meta["item_id"]), []).append(str(d.id))
-    rng = random.Random(0)
-    random_rank = {
-        ex.id: rng.sample(by_item[ex.item_id], len(by_item[ex.item_id])) for ex in questions
-    }
+    domain = load_domain(data, split, limit)
+    questions, reviews, texts, by_item = (
+        domain.questions,
+        domain.reviews,
+        domain.texts,
+        domain.by_item,
+    )
     report: dict[str, Any] = {
         "machine": machine_info(threads),
         "data": str(data),
         "split": split,
         "questions": len(questions),
         "reviews": len(reviews),
-        "random": recall_table(random_rank, questions, texts),
+        "random": recall_table(random_rankings(domain), questions, texts, KS),
         "runtimes": {},
     }
     sample = [texts[i] for i in list(texts)[:speed_passages]]
@@ -115,7 +87,7 @@ def bench_encoder(
             "load_s": round(load_s, 1),
             "size_mb": info.size_mb,
             "format": info.format,
-            **recall_table(ranked, questions, texts),
+            **recall_table(ranked, questions, texts, KS),
         }
         report["runtimes"][runtime] = row
         log(f"{runtime}: {row}")

@@ -1,19 +1,22 @@
-"""`qaserve eval`: the book's evaluation protocol on SubjQA CSVs.
+"""`qaserve eval`: the book's evaluation protocol on SubjQA (qaserve.offline.protocol).
 
-- retriever: every unique review of the domain indexed with its item_id; each question
-  retrieves among its item's reviews only (a metadata filter); relevant = its own review.
-  recall@k (k = 1, 3, 5, 10) and mAP for dense, BM25 and hybrid retrieval, plus a plot;
-- reader alone on the gold review: EM / F1 of the top-1 answer (no-answer allowed), split
-  into answerable and unanswerable questions;
-- retriever + reader: top-1 answer over the top-k retrieved reviews;
-- generator (RAG-Token) and the ensemble's final answer on the same questions (a subset:
-  generation is the slow stage on CPU).
+- corpus: every unique review of the domain from all its splits, with item_id; each question
+  retrieves among its item's reviews only;
+- retriever: strict and book-style recall@k (k = 1, 3, 5, 10) and mAP for dense, BM25 and
+  hybrid retrieval, beside the random ranking of the item's reviews, plus a plot;
+- answers, SQuAD 2.0's official rule as the headline (empty golds drop out when a question
+  has a span) and the lenient best-over-all-golds figure beside it, split into answerable
+  and unanswerable: the reader on the question's own review, the server's query pipeline,
+  and two baselines: always "no answer", and the reader on a random review of the item;
+- generator (RAG-Token) and the ensemble's final answer on a subset (generation is the slow
+  stage on CPU).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import tempfile
 import time
@@ -21,12 +24,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qaserve.metrics import average_precision, mean, recall_at_k, squad_em_f1
+from qaserve.metrics import average_precision, mean, squad_em_f1
+from qaserve.offline.protocol import KS, answerable, load_domain, random_rankings, recall_table
 
 if TYPE_CHECKING:
     from qaserve_client.schema import RetrievalMode
 
-KS = (1, 3, 5, 10)
 MODES: tuple[RetrievalMode, ...] = ("dense", "sparse", "hybrid")
 # The book's figures on electronics/test (../shared/data/subjqa/README.md), for reference.
 BOOK_ELECTRONICS = {
@@ -44,26 +47,28 @@ def _golds(ex: Any) -> list[str]:
     return [a.text for a in ex.answers] or [""]
 
 
-def _answerable(ex: Any) -> bool:
-    return any(a.text for a in ex.answers)
-
-
 def _score(preds: Sequence[str], examples: Sequence[Any]) -> dict[str, Any]:
-    rows = [
-        (squad_em_f1(p, _golds(ex)), _answerable(ex)) for p, ex in zip(preds, examples, strict=True)
-    ]
+    """EM/F1 by SQuAD 2.0's official rule, with the lenient figure (best over every gold,
+    "no answer" included) beside it, for all questions and for each half."""
+    rows = []
+    for p, ex in zip(preds, examples, strict=True):
+        official = squad_em_f1(p, _golds(ex))
+        lenient = squad_em_f1(p, _golds(ex), official=False)
+        rows.append((official, lenient, answerable(ex)))
 
-    def agg(sel: list[tuple[tuple[float, float], bool]]) -> dict[str, Any]:
+    def agg(sel: list[Any]) -> dict[str, Any]:
         return {
             "n": len(sel),
             "em": round(mean(r[0][0] for r in sel), 4),
             "f1": round(mean(r[0][1] for r in sel), 4),
+            "lenient_em": round(mean(r[1][0] for r in sel), 4),
+            "lenient_f1": round(mean(r[1][1] for r in sel), 4),
         }
 
     return {
         "all": agg(rows),
-        "answerable": agg([r for r in rows if r[1]]),
-        "unanswerable": agg([r for r in rows if not r[1]]),
+        "answerable": agg([r for r in rows if r[2]]),
+        "unanswerable": agg([r for r in rows if not r[2]]),
     }
 
 
@@ -93,54 +98,56 @@ def evaluate(
     split: str | None = "test",
     data_dir: Path | None = None,
     reader_model: str | None = None,
-    top_k_retriever: int = 3,
-    pipeline_retrieval: str = "hybrid",
+    top_k_retriever: int | None = None,
+    pipeline_retrieval: str | None = None,
     generator_limit: int = 40,
     max_new_tokens: int = 24,
     limit: int | None = None,
     progress: bool = True,
+    settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """Unset pipeline options (top_k_retriever, retrieval) mean the server's configured
+    values: the eval measures what a default query gets. `settings` are dotted config
+    overrides (`--set reader.no_answer_margin=1.5`)."""
     from tqdm.auto import tqdm
 
     from qaserve.config import EngineConfig
     from qaserve.runtime.local import Engine
-    from qaserve.subjqa import load_subjqa, unique_reviews
     from qaserve_client.schema import QueryRequest, ReadDocument, ReadResponse
 
-    examples = load_subjqa(path, split=split)
-    if limit:
-        examples = examples[:limit]
+    domain = load_domain(path, split, limit)
+    examples = domain.questions
     if not examples:
         raise SystemExit(f"no questions found in {path}")
-    domain = examples[0].domain or Path(path).stem
+    name = examples[0].domain or Path(path).stem
     tmp = None
     if data_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="qaserve-eval-")
         data_dir = Path(tmp.name)
-    overrides: dict[str, Any] = {"data_dir": data_dir}
+    overrides: dict[str, Any] = {"data_dir": data_dir, **(settings or {})}
     if reader_model:
         overrides["reader.model"] = reader_model
     engine = Engine(EngineConfig.load(None, **overrides))
-    collection = f"eval_{domain}"
+    collection = f"eval_{name}"
     report: dict[str, Any] = {
         "data": str(path),
         "split": split or Path(path).stem,
-        "domain": domain,
+        "domain": name,
         "questions": len(examples),
-        "answerable": sum(_answerable(e) for e in examples),
+        "answerable": sum(answerable(e) for e in examples),
+        "corpus_splits": domain.corpus_splits,
+        "settings": {k: v for k, v in overrides.items() if k != "data_dir"},
     }
     t0 = time.perf_counter()
     try:
-        docs = unique_reviews(examples)
-        engine.ingest(docs, collection=collection, progress=progress)
-        report["reviews_indexed"] = len(docs)
+        engine.ingest(domain.reviews, collection=collection, progress=progress)
+        report["reviews_indexed"] = len(domain.reviews)
         report["ingest_s"] = round(time.perf_counter() - t0, 1)
 
-        # Retriever, three ways.
+        # Retriever, three ways, beside the random ranking of the item's reviews.
         retr: dict[str, Any] = {}
         for mode in MODES:
-            recalls: dict[int, list[float]] = {k: [] for k in KS}
-            aps: list[float] = []
+            ranked: dict[str, list[str]] = {}
             t = time.perf_counter()
             for ex in tqdm(examples, desc=f"retrieve ({mode})", disable=not progress):
                 hits = engine.retriever.retrieve(
@@ -150,53 +157,69 @@ def evaluate(
                     collection=collection,
                     mode=mode,
                 )
-                ranked = _doc_ranking(hits)
-                for k in KS:
-                    recalls[k].append(recall_at_k(ranked, {ex.review_id}, k))
-                aps.append(average_precision(ranked, {ex.review_id}))
-            retr[mode] = {f"recall@{k}": round(mean(v), 4) for k, v in recalls.items()}
-            retr[mode]["mAP"] = round(mean(aps), 4)
+                ranked[ex.id] = _doc_ranking(hits)
+            retr[mode] = _retrieval_row(ranked, domain)
             retr[mode]["ms_per_query"] = round((time.perf_counter() - t) * 1000 / len(examples), 2)
+        retr["random"] = _retrieval_row(random_rankings(domain), domain)
         report["retriever"] = retr
 
-        # Reader alone on the gold review.
-        preds = []
-        t = time.perf_counter()
-        for ex in tqdm(examples, desc="reader (gold review)", disable=not progress):
+        def read_one(ex: Any, review_id: str) -> str:
             out = engine.reader.read(
                 ex.question,
-                [ReadDocument(id=ex.review_id, text=ex.context)],
+                [ReadDocument(id=review_id, text=domain.texts[review_id])],
                 top_k=1,
                 handle_impossible_answer=True,
             )
-            preds.append(out.answers[0].answer if out.answers else "")
+            return out.answers[0].answer if out.answers else ""
+
+        # The reader alone on the question's own review: the ceiling retrieval aims for.
+        t = time.perf_counter()
+        preds = [
+            read_one(ex, ex.review_id)
+            for ex in tqdm(examples, desc="reader (own review)", disable=not progress)
+        ]
         report["reader"] = _score(preds, examples)
         report["reader"]["ms_per_question"] = round(
             (time.perf_counter() - t) * 1000 / len(examples), 2
         )
         report["reader"]["model"] = engine.reader.info().model_dump()
 
+        # Baselines: always "no answer"; the reader on a random review of the item.
+        rng = random.Random(0)
+        report["always_no_answer"] = _score([""] * len(examples), examples)
+        preds = [
+            read_one(ex, rng.choice(domain.by_item[ex.item_id]))
+            for ex in tqdm(examples, desc="reader (random review)", disable=not progress)
+        ]
+        report["random_review"] = _score(preds, examples)
+
         # Retriever + reader, then generator and ensemble: the server's own query pipeline.
-        def ask(ex: Any, mode: str, **settings: Any) -> Any:
+        def ask(ex: Any, mode: str, **kw: Any) -> Any:
+            options = {"top_k_retriever": top_k_retriever, "retrieval": pipeline_retrieval}
             return engine.query(
                 QueryRequest(
                     question=ex.question,
-                    top_k_retriever=top_k_retriever,
                     filters={"item_id": ex.item_id},
                     collection=collection,
-                    retrieval=pipeline_retrieval,
                     mode=mode,
-                    **settings,
+                    **{k: v for k, v in options.items() if v is not None},
+                    **kw,
                 )
             )
 
-        preds, reads = [], []
+        preds, reads, latencies = [], [], []
         for ex in tqdm(examples, desc="retriever + reader", disable=not progress):
+            t = time.perf_counter()
             resp = ask(ex, "extractive")
+            latencies.append(time.perf_counter() - t)
             reads.append(ReadResponse(answers=resp.answers, no_answer_score=resp.no_answer_score))
             preds.append(resp.answer.text)
         report["pipeline"] = _score(preds, examples)
-        report["pipeline"].update(retrieval=pipeline_retrieval, top_k_retriever=top_k_retriever)
+        report["pipeline"].update(
+            retrieval=pipeline_retrieval or "configured",
+            top_k_retriever=top_k_retriever or "configured",
+            p50_ms=round(1000 * sorted(latencies)[len(latencies) // 2], 1),
+        )
 
         # Generator and ensemble on a subset.
         n = min(generator_limit, len(examples))
@@ -227,63 +250,83 @@ def evaluate(
         if tmp is not None:
             tmp.cleanup()
     report["wall_s"] = round(time.perf_counter() - t0, 1)
-    if domain == "electronics" and report["split"] == "test":
+    if name == "electronics" and report["split"] == "test":
         report["book"] = BOOK_ELECTRONICS
     return report
+
+
+def _retrieval_row(ranked: dict[str, list[str]], domain: Any) -> dict[str, Any]:
+    row: dict[str, Any] = recall_table(ranked, domain.questions, domain.texts, KS)
+    aps = [average_precision(ranked[ex.id], {ex.review_id}) for ex in domain.questions]
+    row["mAP"] = round(mean(aps), 4)
+    return row
 
 
 def format_table(report: dict[str, Any]) -> str:
     lines = [
         f"SubjQA {report['domain']}/{report['split']}: {report['questions']} questions "
-        f"({report['answerable']} answerable), {report.get('reviews_indexed', '?')} reviews",
+        f"({report['answerable']} answerable); corpus {report.get('reviews_indexed', '?')} "
+        f"reviews from {'+'.join(report.get('corpus_splits', []))}, item_id filter",
         "",
-        "retriever (item_id filter)  " + "  ".join(f"{'R@' + str(k):>6}" for k in KS) + "     mAP",
     ]
-    for mode, figures in report["retriever"].items():
-        name = {"sparse": "bm25"}.get(mode, mode)
-        lines.append(
-            f"  {name:<26}"
-            + "  ".join(f"{figures[f'recall@{k}']:>6.3f}" for k in KS)
-            + f"  {figures['mAP']:>6.3f}"
+    book = report.get("book", {}).get("retriever", {}).get("bm25")
+    for kind, title in (
+        ("strict", "strict recall@k: the question's own review"),
+        ("book", "book-style recall@k: a review holding a gold span (official golds)"),
+        ("book_lenient", "book-style recall@k, lenient (any 'no answer' label: found)"),
+    ):
+        lines.append(f"{title:<34}" if len(title) < 34 else title)
+        lines.append(f"  {'':<26}" + "".join(f"{'@' + str(k):>7}" for k in KS))
+        rows = [
+            (_MODE_NAMES.get(m, m), [r[f"{kind}@{k}"] for k in KS])
+            for m, r in report["retriever"].items()
+        ]
+        if kind != "strict" and book:
+            rows.append(("book: Elasticsearch BM25", [book[f"recall@{k}"] for k in KS]))
+        lines += [f"  {name:<26}" + "".join(f"{v:>7.3f}" for v in vals) for name, vals in rows]
+    lines.append(
+        "mAP (the own review): "
+        + ", ".join(
+            f"{_MODE_NAMES.get(m, m)} {r['mAP']:.3f}" for m, r in report["retriever"].items()
         )
-    if "book" in report:
-        b = report["book"]["retriever"]["bm25"]
-        lines.append(
-            "  book: bm25                " + "  ".join(f"{b[f'recall@{k}']:>6.3f}" for k in KS)
-        )
+    )
     lines += [
         "",
-        f"{'answers (top-1)':<34}{'EM':>6}{'F1':>7}   answerable EM/F1   unanswerable EM/F1",
+        f"answers (top-1), SQuAD 2.0 official{'EM':>8}{'F1':>7}  | lenient EM/F1"
+        "  | answerable EM/F1 | unanswerable EM/F1",
     ]
 
     def row(name: str, r: dict[str, Any]) -> str:
         a, u, x = r["all"], r["answerable"], r["unanswerable"]
         return (
-            f"  {name:<32}{a['em']:>6.3f}{a['f1']:>7.3f}   {u['em']:.3f} / {u['f1']:.3f}"
-            f"      {x['em']:.3f} / {x['f1']:.3f}   (n={a['n']})"
+            f"  {name:<34}{a['em']:>8.3f}{a['f1']:>7.3f}  |  {a['lenient_em']:.3f} / "
+            f"{a['lenient_f1']:.3f} |  {u['em']:.3f} / {u['f1']:.3f}   |  {x['em']:.3f} / "
+            f"{x['f1']:.3f}   (n={a['n']})"
         )
 
-    lines.append(row("reader on the gold review", report["reader"]))
     p = report["pipeline"]
-    lines.append(row(f"retriever ({p['retrieval']}, k={p['top_k_retriever']}) + reader", p))
     for key, name in (
-        ("pipeline_on_subset", "  same, generator subset"),
+        ("reader", "reader on the question's own review"),
+        ("pipeline", f"pipeline ({p['retrieval']}, k={p['top_k_retriever']})"),
+        ("always_no_answer", "baseline: always no answer"),
+        ("random_review", "baseline: reader on a random review"),
+        ("pipeline_on_subset", "pipeline, generator subset"),
         ("generator", "generator (RAG-Token)"),
         ("ensemble", "ensemble final answer"),
     ):
         if key in report:
             lines.append(row(name, report[key]))
+    lines.append(f"  pipeline p50 {p['p50_ms']} ms per query (in-process)")
     if "book" in report:
         b = report["book"]
         lines.append(
-            f"  book: MiniLM reader, SubjQA only {b['reader_subjqa_only_minilm']['em']:>6.3f}"
-            f"{b['reader_subjqa_only_minilm']['f1']:>7.3f}"
-        )
-        lines.append(
-            f"  book: BM25 + reader pipeline    {b['pipeline_bm25_reader']['em']:>6.3f}"
+            f"  book: BM25 + reader pipeline      {b['pipeline_bm25_reader']['em']:>8.3f}"
             f"{b['pipeline_bm25_reader']['f1']:>7.3f}"
         )
     return "\n".join(lines)
+
+
+_MODE_NAMES = {"sparse": "bm25", "random": "random review"}
 
 
 def plot_recall(report: dict[str, Any], path: Path) -> None:
@@ -292,42 +335,75 @@ def plot_recall(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for mode, row in report["retriever"].items():
-        ax.plot(
-            KS,
-            [row[f"recall@{k}"] for k in KS],
-            marker="o",
-            label={"sparse": "BM25"}.get(mode, mode),
-        )
-    if "book" in report:
-        b = report["book"]["retriever"]
-        ax.plot(KS, [b["bm25"][f"recall@{k}"] for k in KS], "k--", alpha=0.5, label="book: BM25")
-        ks = [k for k in KS if f"recall@{k}" in b["dpr"]]
-        ax.plot(ks, [b["dpr"][f"recall@{k}"] for k in ks], "k:", alpha=0.5, label="book: DPR")
-    ax.set_xlabel("k")
-    ax.set_ylabel("recall@k")
-    ax.set_title(f"Retriever recall@k, SubjQA {report['domain']}/{report['split']}")
-    ax.set_xticks(KS)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, kind in zip(axes, ("strict", "book"), strict=True):
+        for mode, row in report["retriever"].items():
+            ax.plot(
+                KS,
+                [row[f"{kind}@{k}"] for k in KS],
+                marker="o",
+                linestyle=":" if mode == "random" else "-",
+                label=_MODE_NAMES.get(mode, mode),
+            )
+        if kind == "book" and "book" in report:
+            b = report["book"]["retriever"]
+            ax.plot(
+                KS, [b["bm25"][f"recall@{k}"] for k in KS], "k--", alpha=0.5, label="book: BM25"
+            )
+            ks = [k for k in KS if f"recall@{k}" in b["dpr"]]
+            ax.plot(ks, [b["dpr"][f"recall@{k}"] for k in ks], "k:", alpha=0.5, label="book: DPR")
+        ax.set_xlabel("k")
+        ax.set_title(f"{kind} recall@k")
+        ax.set_xticks(KS)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[0].set_ylabel("recall@k")
+    fig.suptitle(f"Retriever, SubjQA {report['domain']}/{report['split']} (item_id filter)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+def _setting(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    import yaml
+
+    return key, yaml.safe_load(value)
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser("eval", help="evaluate retriever, reader, pipeline and generator on SubjQA")
-    p.add_argument("path", type=Path, help="a SubjQA domain folder or CSV file")
+    p.add_argument(
+        "path",
+        type=Path,
+        help="a SubjQA domain folder (SubjQA/<domain>/splits/ of megagonlabs/SubjQA, or a "
+        "folder with its train/dev/test.csv) or one CSV",
+    )
     p.add_argument("--split", default="test", help="split file in a domain folder (default test)")
     p.add_argument("--output", type=Path, default=Path("runs/eval"), help="folder for JSON + PNG")
     p.add_argument("--data-dir", type=Path, default=None, help="store folder (default: a temp dir)")
     p.add_argument("--reader", default=None, help="reader model (default: the shipped reader)")
-    p.add_argument("--top-k-retriever", type=int, default=3)
-    p.add_argument("--pipeline-retrieval", choices=MODES, default="hybrid")
+    p.add_argument(
+        "--top-k-retriever", type=int, default=None, help="default: the configured value"
+    )
+    p.add_argument(
+        "--pipeline-retrieval", choices=MODES, default=None, help="default: the configured mode"
+    )
+    p.add_argument(
+        "--set",
+        dest="settings",
+        type=_setting,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override, dotted (e.g. reader.no_answer_margin=1.5); repeatable",
+    )
     p.add_argument("--generator-limit", type=int, default=40, help="questions for the generator")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    p.add_argument("--tag", default="", help="suffix for the output files")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd)
 
@@ -344,9 +420,10 @@ def _cmd(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         limit=args.limit,
         progress=not args.quiet,
+        settings=dict(args.settings),
     )
     args.output.mkdir(parents=True, exist_ok=True)
-    stem = f"{report['domain']}-{report['split'] or 'file'}"
+    stem = f"{report['domain']}-{report['split'] or 'file'}{'-' + args.tag if args.tag else ''}"
     (args.output / f"{stem}.json").write_text(json.dumps(report, indent=2))
     plot_recall(report, args.output / f"{stem}-recall.png")
     print(format_table(report))

@@ -313,6 +313,7 @@ def train_reader(
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
     from qaserve.config import packaged_embedder
+    from qaserve.offline.optim import adamw_with_warmup
 
     t0 = time.time()
     base_model = base_model or packaged_embedder()
@@ -334,29 +335,7 @@ def train_reader(
     total = max(1, math.ceil(epochs * steps_per_epoch))
     if max_steps is not None:
         total = min(total, max_steps)
-    warm = int(warmup * total)
-
-    decay = [
-        p
-        for n, p in model.named_parameters()
-        if not any(k in n for k in ("bias", "LayerNorm", "norm"))
-    ]
-    no_decay = [
-        p for n, p in model.named_parameters() if any(k in n for k in ("bias", "LayerNorm", "norm"))
-    ]
-    opt = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=lr,
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: (
-            (s + 1) / max(1, warm) if s < warm else max(0.0, (total - s) / max(1, total - warm))
-        ),
-    )
+    opt, sched = adamw_with_warmup(model, lr, total, warmup, weight_decay)
 
     history: dict[str, Any] = {
         "base_model": base_model,
