@@ -106,12 +106,12 @@ class OnnxEmbedder:
         return out
 
     def info(self) -> ModelInfo:
-        path = Path(self.cfg.model)
-        name = path.name if path.name != "model" else path.parent.name
+        from qaserve.deployments.retriever import encoder_name
+
         size = (self.folder / ONNX_NAME).stat().st_size / 2**20
         return ModelInfo(
             stage="retriever",
-            model=name if path.exists() else self.cfg.model,
+            model=encoder_name(self.cfg.model),
             format=f"onnx {self.meta.get('variant', self.variant)} (onnxruntime)",
             size_mb=round(size, 1),
             device="cpu",

@@ -15,15 +15,36 @@ Policy (documented in the README, tested in tests/test_ensemble.py):
 
 Extractive answers win ties because they are verifiable: they are exact substrings of a
 retrieved document, with offsets the caller can highlight.
+
+With `policy` set (a file from `qaserve fit-ensemble`), ensemble mode instead asks the learned
+policy (qaserve.deployments.ensemble_policy) to pick among the reader's spans and "no answer",
+from the reader's scores, retrieval, and the generator's scores of the spans
+(`generator_use: score`) or its generated text (`generate`); the other modes keep the rules.
+A span it picks has source "both" (both models weighed in), score = the policy's p(correct).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from qaserve.config import EnsembleConfig
+from qaserve.deployments.prior import is_no_answer
+from qaserve.deployments.span_scores import ScoreResponse
+from qaserve.errors import ConfigError
 from qaserve.metrics import f1_score, normalize_answer
-from qaserve_client.schema import Answer, FinalAnswer, GenerateResponse, QueryMode, ReadResponse
+from qaserve_client.schema import (
+    Answer,
+    FinalAnswer,
+    GenerateResponse,
+    QueryMode,
+    ReadResponse,
+    RetrievedDocument,
+)
+
+if TYPE_CHECKING:
+    from qaserve.deployments.ensemble_policy import LogisticPolicy
 
 AGREEMENT_F1 = 0.5
 
@@ -47,14 +68,33 @@ class Ensemble:
 
     def __init__(self, cfg: EnsembleConfig | None = None) -> None:
         self.cfg = cfg or EnsembleConfig()
+        self.policy: LogisticPolicy | None = None
+        if self.cfg.policy is not None:
+            from qaserve.deployments.ensemble_policy import LogisticPolicy
+
+            self.policy = LogisticPolicy.load(self.cfg.policy)
+            if self.policy.generator_use != self.cfg.generator_use:
+                raise ConfigError(
+                    f"ensemble policy {self.cfg.policy} was fitted with generator_use "
+                    f"{self.policy.generator_use!r}; the config says {self.cfg.generator_use!r}",
+                    "ensemble.generator_use",
+                )
 
     def combine(
         self,
         mode: QueryMode,
         read: ReadResponse | None,
         generated: GenerateResponse | None,
+        scored: ScoreResponse | None = None,
+        documents: Sequence[RetrievedDocument] = (),
     ) -> FinalAnswer:
+        """The final answer; `scored` (the generator's scores of the reader's spans) and the
+        retrieved `documents` are what a learned policy also reads."""
+        if self.policy is not None and mode == "ensemble" and read is not None:
+            return self._by_policy(self.policy, read, generated, scored, documents)
         gen_text = generated.text.strip() if generated else ""
+        if is_no_answer(gen_text):  # the trained generator's "I do not know."
+            gen_text = ""
         if mode == "generative" or read is None:
             if not gen_text or generated is None:
                 return FinalAnswer(text="", source="none", score=0.0)
@@ -79,6 +119,23 @@ class Ensemble:
             if agrees(span.answer, gen_text):
                 return self._from_span(span, "both", span.score + self.cfg.agreement_bonus)
         return FinalAnswer(text=gen_text, source="generator", score=generator_confidence(generated))
+
+    @staticmethod
+    def _by_policy(
+        policy: LogisticPolicy,
+        read: ReadResponse,
+        generated: GenerateResponse | None,
+        scored: ScoreResponse | None,
+        documents: Sequence[RetrievedDocument],
+    ) -> FinalAnswer:
+        from qaserve.deployments.ensemble_policy import candidates
+
+        cands = candidates(read, documents, scored, generated)
+        index, p = policy.choose(cands)
+        span = cands.answers[index]
+        if span is None:
+            return FinalAnswer(text="", source="none", score=p)
+        return Ensemble._from_span(span, "both", p)
 
     @staticmethod
     def _from_span(span: Answer, source: str, score: float) -> FinalAnswer:

@@ -13,6 +13,7 @@ from ray import serve
 
 from qaserve.cancel import CancelToken, run_cancellable
 from qaserve.deployments.replica import build_replica_stage
+from qaserve.deployments.span_scores import ScoreRequest, ScoreResponse
 from qaserve.threads import iterate_blocking
 from qaserve_client.schema import GeneratedToken, GenerateRequest, GenerateResponse, ModelInfo
 
@@ -28,6 +29,10 @@ class GeneratorDeployment:
         return await run_cancellable(
             lambda cancel: self.generator.generate_request(request, cancel)
         )
+
+    async def score(self, request: ScoreRequest) -> ScoreResponse:
+        """The reader's spans scored (generative scoring); cancellable like `generate`."""
+        return await run_cancellable(lambda cancel: self.generator.score_request(request, cancel))
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[GeneratedToken]:
         """Tokens as they are decided; a cancelled call stops the decoding."""

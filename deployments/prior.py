@@ -8,7 +8,19 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from qaserve.metrics import normalize_answer
 from qaserve_client.schema import GeneratedToken, GenerateResponse
+
+# What a generator trained by `qaserve train-generator` answers when the documents do not
+# hold the answer (its training target for unanswerable questions; the system prompt asks
+# for the same). The ensemble reads it as "no answer" (is_no_answer).
+NO_ANSWER_TEXT = "I do not know."
+
+
+def is_no_answer(text: str) -> bool:
+    """Empty, or the no-answer text (up to SQuAD normalisation: case, punctuation)."""
+    norm = normalize_answer(text)
+    return not norm or norm == normalize_answer(NO_ANSWER_TEXT)
 
 
 def document_prior(documents: Sequence[Any]) -> list[float]:

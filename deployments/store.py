@@ -216,6 +216,8 @@ class Bm25Analyser:
 
 # What collections written before the analyser was recorded were built with.
 LEGACY_ANALYSER = Bm25Analyser("english", True)
+# The encoder of collections written before encoders were recorded: the only default then.
+LEGACY_ENCODER = "all-MiniLM-L6-v2"
 _ANALYSER_KEY = "qaserve_bm25"  # collection metadata (qdrant-client) / file name (Edge)
 
 
@@ -344,11 +346,17 @@ class _QdrantStore(ABC):
 
     _lock: threading.RLock
 
-    def __init__(self, collection: str, dim: int, cfg: StoreConfig) -> None:
+    def __init__(
+        self, collection: str, dim: int, cfg: StoreConfig, encoder: str = LEGACY_ENCODER
+    ) -> None:
         self.collection = check_collection(collection)
         self.dim = dim
         self.cfg = cfg
         self.analyser = Bm25Analyser.of(cfg)  # for a new collection; see _encoder
+        # The dense encoder's identity (retriever.encoder_identity): vectors from another
+        # encoder of the same size would be searched without error, and wrongly.
+        self.encoder = encoder
+        self._encoder_checked = False
         self._bm25: Bm25Encoder | None = None
         self._m = self._models()
 
@@ -393,6 +401,24 @@ class _QdrantStore(ABC):
     def _analyser_record(self) -> Any:
         """The analyser record of the existing collection; None: it has none (built before
         analysers were recorded). A new collection records `self.analyser`."""
+
+    def _record(self) -> dict[str, Any]:
+        """What a new collection records: its BM25 analyser and its dense encoder."""
+        return {**self.analyser.record(), "encoder": self.encoder}
+
+    def _check_encoder(self) -> None:
+        """Refuse an existing collection embedded by another encoder than the configured one."""
+        if self._encoder_checked:
+            return
+        built = (self._analyser_record() or {}).get("encoder", LEGACY_ENCODER)
+        if built != self.encoder:
+            raise ConfigError(
+                f"collection {self.collection!r} was embedded with encoder {built!r}, the "
+                f"configured embedder is {self.encoder!r}: set embedder.model to the one it "
+                "was built with (all-MiniLM-L6-v2 for collections written before encoders were "
+                "recorded), or re-ingest into a new collection"
+            )
+        self._encoder_checked = True
 
     def _encoder(self) -> Bm25Encoder:
         """The BM25 encoder of the collection's own analyser, whatever the config says now;
@@ -453,6 +479,7 @@ class _QdrantStore(ABC):
                 points.append(m.Point(id=pid, vector=named, payload=_payload(doc, p)))
             per_doc.append(points)
         self._open(create=True)
+        self._check_encoder()
         with self._lock:
             found = self._retrieve([point_id(d.id, 0) for d in docs], ["doc_id"])
             existed = {r.payload["doc_id"] for r in found if r.payload}
@@ -492,6 +519,7 @@ class _QdrantStore(ABC):
         flt = self._filter(filters)  # validate even when the collection is missing
         if not self._open(create=False):
             return []
+        self._check_encoder()
         queries: dict[str, Any] = {}
         if mode in ("dense", "hybrid"):
             if vector is None:
@@ -542,14 +570,14 @@ class _QdrantStore(ABC):
 # --- Qdrant Edge -------------------------------------------------------------------------
 
 
-def _open_shard(path: Path, config: Any, analyser: Bm25Analyser) -> Any:
+def _open_shard(path: Path, config: Any, record: dict[str, Any]) -> Any:
     from qdrant_edge import EdgeShard
 
     try:
         if (path / "edge_config.json").exists():
             return EdgeShard.load(str(path), config)
         path.mkdir(parents=True, exist_ok=True)
-        _analyser_file(path).write_text(json.dumps(analyser.record()))  # before the shard
+        _analyser_file(path).write_text(json.dumps(record))  # before the shard
         return EdgeShard.create(str(path), config)
     except Exception as e:
         raise ConfigError(f"cannot open Qdrant Edge shard {path}: {e}") from e
@@ -581,8 +609,9 @@ class EdgeStore(_QdrantStore):
         dim: int,
         cfg: StoreConfig,
         threads: int | None = None,
+        encoder: str = LEGACY_ENCODER,
     ) -> None:
-        super().__init__(collection, dim, cfg)
+        super().__init__(collection, dim, cfg, encoder)
         self.path = Path(path).resolve()
         self.threads = threads
         self._shard: Any = None
@@ -606,7 +635,7 @@ class EdgeStore(_QdrantStore):
             if self._shard is None:
                 if not create and not self.exists():
                     return False
-                config, new = self._config(), self.analyser
+                config, new = self._config(), self._record()
                 shard, lock = _SHARDS.acquire(
                     self.path, lambda: _open_shard(self.path, config, new)
                 )
@@ -737,8 +766,10 @@ class QdrantClientStore(_QdrantStore):
     Every client call runs under `_lock`: local mode is not thread-safe.
     """
 
-    def __init__(self, url: str, collection: str, dim: int, cfg: StoreConfig) -> None:
-        super().__init__(collection, dim, cfg)
+    def __init__(
+        self, url: str, collection: str, dim: int, cfg: StoreConfig, encoder: str = LEGACY_ENCODER
+    ) -> None:
+        super().__init__(collection, dim, cfg, encoder)
         self.url = url
         self.local = not url.startswith(("http://", "https://"))
         # Each in-memory store is its own database.
@@ -785,7 +816,7 @@ class QdrantClientStore(_QdrantStore):
                 )
             },
             sparse_vectors_config={SPARSE: m.SparseVectorParams(modifier=m.Modifier.IDF)},
-            metadata={_ANALYSER_KEY: self.analyser.record()},
+            metadata={_ANALYSER_KEY: self._record()},
             **self.cluster_settings(),
         )
         if not self.local:  # local mode has no payload indexes (and warns)
@@ -877,8 +908,12 @@ def make_store(
     cfg: EngineConfig, collection: str | None, dim: int, threads: int | None = None
 ) -> DocumentStore:
     """Edge under data_dir when `store.url` is unset, else qdrant-client at that URL."""
+    from qaserve.deployments.retriever import encoder_identity
+
     name = check_collection(collection or cfg.store.collection)
+    encoder = encoder_identity(cfg.embedder.model)
     if cfg.store.url is None:
         path = Path(cfg.data_dir).expanduser() / "edge" / name
-        return EdgeStore(path, name, dim, cfg.store, threads=threads or cfg.threads or None)
-    return QdrantClientStore(cfg.store.url, name, dim, cfg.store)
+        threads = threads or cfg.threads or None
+        return EdgeStore(path, name, dim, cfg.store, threads=threads, encoder=encoder)
+    return QdrantClientStore(cfg.store.url, name, dim, cfg.store, encoder=encoder)

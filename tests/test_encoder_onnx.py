@@ -46,11 +46,12 @@ def test_onnx_vectors_match_the_torch_encoder(
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     cosine = (vectors * torch_vectors).sum(axis=1)
     assert cosine.min() > floor, cosine.min()
-    # The ranking a question gets is the torch encoder's (what retrieval depends on).
-    question = len(texts) - 2
-    assert np.argmax(vectors[:-2] @ vectors[question]) == np.argmax(
-        torch_vectors[:-2] @ torch_vectors[question]
-    )
+    # The document a question gets is the torch encoder's best, up to a near tie (what
+    # retrieval depends on; recall itself is `bench encoder`'s to measure).
+    for question in (len(texts) - 2, len(texts) - 1):
+        by_torch = torch_vectors[:-2] @ torch_vectors[question]
+        top = int(np.argmax(vectors[:-2] @ vectors[question]))
+        assert by_torch[top] >= by_torch.max() - 0.01, (top, np.argsort(-by_torch)[:3])
 
 
 def test_mean_pooling_ignores_padding() -> None:

@@ -91,7 +91,7 @@ def test_a_question_mixing_a_span_with_no_answer_needs_the_span_unless_lenient(
 
     d = load_domain(domain_dir, "test")
     ex = next(ex for ex in d.questions if any(a.text for a in ex.answers))
-    ex.answers = [a for a in ex.answers if a.text][:1] + [GoldAnswer("", -1)]
+    ex.answers = [*[a for a in ex.answers if a.text][:1], GoldAnswer("", -1)]
     wrong = next(r for r in d.texts if not any(a.text and a.text in d.texts[r] for a in ex.answers))
     table = recall_table({ex.id: [wrong]}, [ex], d.texts, ks=(1,))
     assert table == {"strict@1": 0.0, "book@1": 0.0, "book_lenient@1": 1.0}
@@ -105,6 +105,7 @@ def test_eval_runs_the_protocol_end_to_end(domain_dir: Path, tmp_path: Path) -> 
     argv += ["--set", f"reader.model={reader}", "--set", "reader.optimize=false"]
     argv += ["--set", f"generator.model={generator}", "--set", f"cache_dir={cache}"]
     argv += ["--generator-limit", "2", "--max-new-tokens", "4", "--quiet", "--tag", "t"]
+    argv += ["--compare-modes"]
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
         assert main(argv) == 0
@@ -125,5 +126,6 @@ def test_eval_runs_the_protocol_end_to_end(domain_dir: Path, tmp_path: Path) -> 
     for key in ("reader", "pipeline", "random_review", "generator", "ensemble"):
         assert 0.0 <= report[key]["all"]["f1"] <= 1.0
     assert report["pipeline"]["p50_ms"] > 0
+    assert set(report["pipeline_by_mode"]) == {"dense", "sparse", "hybrid"}
     assert (tmp_path / "out" / "electronics-test-t-recall.png").stat().st_size > 1000
     assert "always no answer" in stdout.getvalue()

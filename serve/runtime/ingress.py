@@ -15,6 +15,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 
 from qaserve.config import EngineConfig, ServerConfig
+from qaserve.deployments.span_scores import ScoreRequest, ScoreResponse
 from qaserve.errors import Overloaded
 from qaserve.pipeline import Pipeline
 from qaserve.stages import model_infos
@@ -89,6 +90,9 @@ class RayStages:
 
     async def generate(self, request: GenerateRequest) -> GenerateResponse:
         return await cancelling(self.handles["generator"].generate.remote(request))
+
+    async def score(self, request: ScoreRequest) -> ScoreResponse:
+        return await cancelling(self.handles["generator"].score.remote(request))
 
     async def generate_stream(self, request: GenerateRequest) -> AsyncIterator[GeneratedToken]:
         handle = self.handles["generator"].options(stream=True)

@@ -24,6 +24,7 @@ import numpy as np
 from qaserve.cancel import CancelToken, run_cancellable
 from qaserve.config import EngineConfig
 from qaserve.deployments.operations import Operations, WriteOp, WriteOwner
+from qaserve.deployments.span_scores import ScoreRequest, ScoreResponse
 from qaserve.pipeline import Pipeline
 from qaserve.stages import STAGES, build_stages, model_infos, stage
 from qaserve.threads import bound_threads, iterate_blocking
@@ -148,6 +149,11 @@ class LocalStages(WriteOwner):
             lambda: self.generator.stream_request(request, cancel),
             self._pool,
             cancel,
+        )
+
+    async def score(self, request: ScoreRequest) -> ScoreResponse:
+        return await run_cancellable(
+            lambda cancel: self.generator.score_request(request, cancel), self._pool
         )
 
     async def get_document(self, doc_id: str, collection: str | None) -> DocumentOut:
