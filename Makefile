@@ -6,7 +6,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export QASERVE_DATA_DIR ?= $(CURDIR)/.qaserve/data
 export QASERVE_CACHE_DIR ?= $(CURDIR)/.qaserve/cache
 
-.PHONY: setup serve demo test test-fast loadtest lint typecheck check format clean
+.PHONY: setup serve demo test test-fast bench-smoke loadtest lint typecheck check format clean
 
 setup:
 	@bash scripts/setup.sh
@@ -22,6 +22,12 @@ test: setup  ## the whole suite, as CI runs it
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+bench-smoke: setup  ## both benches' short mode on the shipped models (what a fresh clone has)
+	$(VENV)/bin/qaserve bench reader --data tests/fixtures/subjqa_mini.csv \
+	  --calibration tests/fixtures/subjqa_mini.csv --limit 5 --output .qaserve/bench-smoke --quiet
+	$(VENV)/bin/qaserve bench encoder --data tests/fixtures/subjqa_mini.csv --limit 20 \
+	  --speed-passages 32 --output .qaserve/bench-smoke
 
 loadtest: setup  ## start the graph, run the `check` Locust profile, check loadtests/constraints.yaml
 	$(VENV)/bin/qaserve loadtest

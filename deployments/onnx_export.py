@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 VARIANTS = ("fp32", "fp32-opt", "int8")
 ONNX_NAME = "model.onnx"
 META_NAME = "export.json"
+WEIGHTS_DIR = "weights"  # a shipped reader folder's fp16 source weights (write_reader_folder)
 OPSET = 17
 # Candidate model inputs, in the order the exported graph takes them.
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
@@ -127,10 +128,18 @@ def export_reader(
 
 
 def write_reader_folder(
-    model: str | Path, dest: Path, variant: str = "int8", cache_dir: Path | None = None
+    model: str | Path,
+    dest: Path,
+    variant: str = "int8",
+    cache_dir: Path | None = None,
+    weights: bool = False,
 ) -> Path:
     """Write a self-contained reader folder (model.onnx, tokenizer, export.json) to `dest`.
 
+    weights=True is the shipped folder: `model`'s weights go into `dest/weights/` as fp16
+    safetensors (half the bytes of fp32; loaded back as fp32), and model.onnx is exported
+    from those rounded weights, so export.json's source ("weights") and hash name them and
+    `qaserve bench reader` rebuilds every variant, torch included, from a fresh clone.
     Replaces `dest` if it exists (the new folder is complete before the old one goes), so
     the committed reader can be refreshed in place.
     """
@@ -138,12 +147,17 @@ def write_reader_folder(
     with contextlib.ExitStack() as stack:
         if cache_dir is None:
             cache_dir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        built = export_reader(model, cache_dir, variant)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
         try:
+            source = save_fp16_weights(model, tmp / WEIGHTS_DIR) if weights else model
+            built = export_reader(source, cache_dir, variant)
             for item in built.iterdir():
                 shutil.copy2(item, tmp / item.name)
+            if weights:
+                meta = read_export_meta(tmp)
+                meta.update(source=WEIGHTS_DIR, weights_from=str(model), weights_dtype="float16")
+                (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
             old = None
             if dest.exists():
                 old = dest.with_name(f".{dest.name}.old-{os.getpid()}-{time.time_ns()}")
@@ -154,6 +168,32 @@ def write_reader_folder(
                 shutil.rmtree(old, ignore_errors=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def save_fp16_weights(model: str | Path, dest: Path) -> Path:
+    """`model` as a checkpoint folder with fp16 safetensors, config and tokenizer.
+
+    config.json keeps dtype float32, so from_pretrained loads the weights back as fp32: only
+    their storage is halved. Refuses weights beyond fp16's range (they would become inf).
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+
+    src = resolve_checkpoint(model)
+    net = AutoModelForQuestionAnswering.from_pretrained(src, dtype=torch.float32)
+    net.save_pretrained(dest)
+    AutoTokenizer.from_pretrained(src).save_pretrained(dest)
+    limit = torch.finfo(torch.float16).max
+    for file in sorted(dest.glob("*.safetensors")):
+        tensors = load_file(file)
+        for name, t in tensors.items():
+            if t.is_floating_point():
+                if t.abs().max() > limit:
+                    raise ValueError(f"{model}: {name} exceeds the fp16 range; keep it fp32")
+                tensors[name] = t.to(torch.float16)
+        save_file(tensors, file, metadata={"format": "pt"})
     return dest
 
 

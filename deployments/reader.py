@@ -76,6 +76,7 @@ class Reader:
         self.cfg = cfg
         self.folder = _model_folder(cfg, Path(cache_dir))
         self.meta = read_export_meta(self.folder)
+        self.null_weight = null_weight(cfg, self.folder)
         self.max_batch_windows = max(1, max_batch_windows)
         self._load_tokenizer()
         self._load_session(cpu_budget(threads))
@@ -297,7 +298,7 @@ class Reader:
             _softmax(np.where(valid, start, _MASKED)),
             _softmax(np.where(valid, end, _MASKED)),
         )
-        null = p_start[:, 0] * p_end[:, 0]
+        null = p_start[:, 0] * p_end[:, 0] * self.null_weight
         p_start[:, 0] = p_end[:, 0] = 0.0
 
         # Span scores on the band end - start < max_answer_len: [windows, start, length].
@@ -368,6 +369,22 @@ class Reader:
 
 
 # --- helpers -------------------------------------------------------------------------------
+
+
+CALIBRATION_NAME = "calibration.json"
+
+
+def null_weight(cfg: ReaderConfig, folder: Path) -> float:
+    """The configured weight of the no-answer score, else the model folder's calibration
+    (`qaserve calibrate-reader`), else 1.0: a model's balance between answering and
+    abstaining is a property of its training, so it travels with its weights."""
+    if cfg.null_weight is not None:
+        return float(cfg.null_weight)
+    for where in (folder, Path(str(cfg.model)).expanduser()):  # the export, or its checkpoint
+        path = where / CALIBRATION_NAME
+        if path.is_file():
+            return float(json.loads(path.read_text())["null_weight"])
+    return 1.0
 
 
 def _model_folder(cfg: ReaderConfig, cache_dir: Path) -> Path:

@@ -251,9 +251,15 @@ class Retriever:
         self.close()
 
 
+def embedder_runtime(cfg: EngineConfig) -> str:
+    """The runtime a replica uses: the configured one on the CPU; torch on a GPU, because the
+    ONNX encoder runs on ONNX Runtime's CPU provider only (a GPU grant would sit idle)."""
+    return cfg.embedder.runtime if cfg.embedder.device == "cpu" else "torch"
+
+
 def build_embedder(cfg: EngineConfig, threads: int | None, built: Mapping[str, Any]) -> Embedder:
     """The registry's factory (qaserve.stages): torch or ONNX Runtime, as configured."""
-    if cfg.embedder.runtime != "torch":
+    if embedder_runtime(cfg) != "torch":
         from .encoder_onnx import OnnxEmbedder
 
         return cast(Embedder, OnnxEmbedder(cfg.embedder, cfg.cache_dir, threads=threads))

@@ -363,6 +363,7 @@ def _extensions() -> list[Callable[[Any], None]]:
         "qaserve.offline.train_retriever",
         "qaserve.offline.train_generator",
         "qaserve.offline.fit_ensemble",
+        "qaserve.offline.calibrate_reader",
         "qaserve.offline.evaluate",
         "qaserve.offline.bench",
         "qaserve.offline.drills",

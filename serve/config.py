@@ -27,6 +27,9 @@ from qaserve.limits import LimitsConfig
 
 REPO_ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_READER_DIR = REPO_ASSETS / "reader"
+# Readers that ship in the repository, by the name a config may give as `reader.model`
+# (serve/assets/<folder>/README.md is each one's model card; docs/RESULTS.md compares them).
+SHIPPED_READERS = {"minilm-l6-subjqa": "reader", "minilm-l3-subjqa": "reader-l3"}
 
 
 def default_data_dir() -> Path:
@@ -168,6 +171,9 @@ class StoreConfig(_Cfg):
 
 
 class ReaderConfig(_Cfg):
+    # A folder with model.onnx, an fp32 extractive-QA checkpoint, a hub id, or the name of a
+    # shipped reader (SHIPPED_READERS): "minilm-l6-subjqa" (the default) or the distilled
+    # "minilm-l3-subjqa" (faster, a little less accurate: README "Choosing a reader").
     model: str | None = Field(default_factory=packaged_reader)
     precision: Literal["int8", "fp32"] = "int8"
     optimize: bool = True
@@ -182,7 +188,21 @@ class ReaderConfig(_Cfg):
     # 5 documents, because a span from the wrong review of the item beats that review's own
     # no-answer far more often than it is right.
     no_answer: Literal["most_confident", "best_document"] = "most_confident"
+    # The no-answer score is multiplied by this before it competes with the spans. None = the
+    # model's own calibration (calibration.json in its folder, fitted on the dev splits by
+    # `qaserve calibrate-reader`), else 1.0 (the transformers pipeline's rule).
+    null_weight: float | None = Field(default=None, gt=0)
     device: str = "cpu"
+
+    @field_validator("model")
+    @classmethod
+    def _shipped_name(cls, v: str | None) -> str | None:
+        if v in SHIPPED_READERS:
+            folder = REPO_ASSETS / SHIPPED_READERS[v]
+            if not (folder / "model.onnx").is_file():
+                raise ValueError(f"the shipped reader {v!r} is missing from {folder}")
+            return str(folder)
+        return v
 
 
 class GeneratorConfig(_Cfg):

@@ -89,3 +89,16 @@ def test_bench_encoder_runs_on_the_fixture(tmp_path: Path, cache: Path) -> None:
         assert row["passages_per_s"] > 0 and 0.0 <= row["strict@1"] <= row["strict@3"] <= 1.0
     assert report["runtimes"]["torch"]["speedup"] == 1.0
     assert "onnx-int8" in stdout.getvalue()
+
+
+def test_a_gpu_replica_embeds_with_torch() -> None:
+    """ONNX Runtime here has only its CPU provider: a replica granted a GPU runs the encoder in
+    torch on it instead of leaving the GPU idle; on the CPU the configured runtime holds."""
+    from qaserve.deployments.retriever import embedder_runtime
+
+    cpu = EngineConfig(embedder=EmbedderConfig(runtime="onnx-int8"))
+    assert embedder_runtime(cpu) == "onnx-int8"
+    gpu = EngineConfig(embedder=EmbedderConfig(runtime="onnx-int8", device="cuda"))
+    assert embedder_runtime(gpu) == "torch"
+    torch_cfg = EngineConfig(embedder=EmbedderConfig(runtime="torch"))
+    assert embedder_runtime(torch_cfg) == "torch"

@@ -508,3 +508,15 @@ def test_no_model_is_a_config_error(tmp_path: Path) -> None:
 def test_windows_that_leave_no_room_are_a_config_error(random_ckpt: Path, cache: Path) -> None:
     with pytest.raises(ConfigError, match="doc_stride"):
         make_reader(random_ckpt, cache, "fp32", max_seq_len=64, doc_stride=64)
+
+
+def test_shipped_readers_are_picked_by_name() -> None:
+    """`reader.model: <name>` selects a reader committed under serve/assets by its name."""
+    from qaserve.config import REPO_ASSETS, SHIPPED_READERS
+
+    for name, folder in SHIPPED_READERS.items():
+        assert ReaderConfig(model=name).model == str(REPO_ASSETS / folder)
+        assert (REPO_ASSETS / folder / "model.onnx").is_file()
+        assert (REPO_ASSETS / folder / "README.md").is_file()  # its model card
+    assert ReaderConfig().model == ReaderConfig(model="minilm-l6-subjqa").model
+    assert ReaderConfig(model="org/some-qa-model").model == "org/some-qa-model"  # hub ids pass

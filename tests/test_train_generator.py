@@ -248,11 +248,12 @@ def test_the_best_checkpoint_loads_and_generates(
 
 def test_the_command_is_registered() -> None:
     from qaserve.cli import build_parser
+    from qaserve.offline.train_generator import COMMAND
 
     args = build_parser().parse_args(
         ["train-generator", "--data", "d", "--output", "o", "--docs", "3", "--freeze-layers", "2"]
     )
-    assert args.docs == 3 and args.freeze_layers == 2 and args.func.__name__ == "_run"
+    assert args.docs == 3 and args.freeze_layers == 2 and args.func == COMMAND.handle
 
 
 def test_one_batch_needs_one_document_count(gen: RagTokenGenerator) -> None:

@@ -12,6 +12,7 @@ import threading
 import time
 from typing import Any, cast
 
+from qaserve.offline.command import Command
 from qaserve.runtime.graph_config import GraphConfig, StageOptions
 
 DEMO_AUTOSCALING = {
@@ -120,14 +121,12 @@ def run_demo(
     return samples
 
 
-def register(sub: Any) -> None:
-    p = sub.add_parser("autoscale-demo", help="load the Reader and watch it scale up, then down")
+def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="local.yaml")
     p.add_argument("--load-s", type=float, default=40.0)
     p.add_argument("--cool-s", type=float, default=40.0)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--port", type=int, default=8000, help="HTTP port of the demo's Serve proxy")
-    p.set_defaults(func=_cmd)
 
 
 def _cmd(args: argparse.Namespace) -> int:
@@ -154,3 +153,14 @@ def _cmd(args: argparse.Namespace) -> int:
     final = samples[-1][2]
     print(f"peak replicas {peak}, after the load {final}")
     return 0 if peak > 1 and final < peak else 1
+
+
+COMMAND = Command(
+    "autoscale-demo",
+    "load the Reader and watch it scale up, then down",
+    _add_args,
+    _cmd,
+    module="qaserve.offline.autoscale",
+    doc=__doc__,
+)
+register = COMMAND.register

@@ -1,11 +1,18 @@
 """`qaserve bench reader`: the book's PerformanceBenchmark for the extractive reader.
 
 One process, one question set, one thread budget for every variant: the fp32 checkpoint run
-in torch (the baseline), and its ONNX exports fp32, ORT-optimised fp32 and dynamic int8.
-Reported per variant: SubjQA EM/F1 of the top-1 answer on the gold review (no-answer allowed),
-latency per question at batch 1 (median and p95 after a warm-up), model file size, and
-throughput at batches of 8 and 32 questions; then ratios against the baseline, the issue's
-targets as PASS/FAIL, a JSON report and the book's accuracy-vs-latency bubble plot.
+in torch (the baseline), and its ONNX exports fp32, ORT-optimised fp32, dynamic int8 (what is
+served), static int8 (calibrated on training windows) and bf16 (kept out, with the reason,
+where ONNX Runtime's CPU provider cannot run it). `--reader NAME=PATH` adds other checkpoints
+(a distilled student, a pruned reader) as their fp32 and int8 exports, through the same path.
+The default model is the shipped reader folder (serve/assets/reader), whose weights/ holds the
+fp32 weights stored as fp16: a fresh clone runs every variant.
+Reported per variant: SubjQA EM/F1 of the top-1 answer on the gold review (no-answer allowed;
+SQuAD 2.0's official rule, and the lenient best-over-every-gold figure), latency per question
+at batch 1 (median and p95 after a warm-up), model size, and throughput at batches of 8 and
+32 questions; then ratios against the torch baseline and against the served int8, the
+issue's targets as PASS/FAIL, a JSON report and the book's plot (F1 against latency, bubble
+area = size).
 
 transformers 5 removed `pipeline("question-answering")`, so the torch baseline is the same
 checkpoint in torch (fp32, eval, inference_mode) behind the ONNX reader's own tokenisation,
@@ -33,22 +40,43 @@ from typing import Any
 
 import numpy as np
 
-from qaserve.config import ReaderConfig, default_cache_dir
+from qaserve.config import DEFAULT_READER_DIR, ReaderConfig, default_cache_dir
 from qaserve.deployments.onnx_export import (
     INPUT_NAMES,
     ONNX_NAME,
+    WEIGHTS_DIR,
     checkpoint_hash,
     export_reader,
     read_export_meta,
     resolve_checkpoint,
 )
+from qaserve.deployments.onnx_variants import (
+    DEFAULT_CALIBRATION_WINDOWS,
+    Feeds,
+    VariantUnsupported,
+    export_bf16,
+    export_static_int8,
+)
 from qaserve.deployments.reader import Reader
 from qaserve.errors import ConfigError
 from qaserve.metrics import squad_em_f1
+from qaserve.offline.bench_report import format_table, plot
+from qaserve.offline.bench_variants import (
+    BENCH_NULL_WEIGHT,
+    calibration_feeds,
+    calibration_pairs,
+    default_calibration,
+    extra_readers,
+    onnx_reader,
+    parse_reader_specs,
+    shipped_others,
+)
 from qaserve.threads import bound_threads, cpu_budget
 from qaserve_client.schema import ModelInfo, ReadDocument
 
-VARIANTS = ("torch", "onnx-fp32", "onnx-fp32-opt", "onnx-int8")
+VARIANTS = ("torch", "onnx-fp32", "onnx-fp32-opt", "onnx-int8", "onnx-int8-static", "onnx-bf16")
+SERVED = "onnx-int8"  # what `qaserve serve` runs: the second reference of every ratio
+DERIVED = ("onnx-int8-static", "onnx-bf16")  # built from the checkpoint by onnx_variants
 BATCH_SIZES = (8, 32)
 MIN_LATENCY_QUESTIONS = 100
 # Batch-1 runs go variant by variant in blocks of this many questions, the variants in rotating
@@ -98,8 +126,11 @@ class TorchReader(Reader):
         threads: int | None = None,
         max_batch_windows: int = 32,
     ) -> None:
-        self.cfg = cfg or ReaderConfig(model=str(checkpoint), precision="fp32", optimize=False)
+        self.cfg = cfg or ReaderConfig(
+            model=str(checkpoint), precision="fp32", optimize=False, null_weight=BENCH_NULL_WEIGHT
+        )
         self.folder = resolve_checkpoint(checkpoint)
+        self.null_weight = self.cfg.null_weight or 1.0
         self.meta = {"format": "torch-fp32", "source": str(checkpoint)}
         self.max_batch_windows = max(1, max_batch_windows)
         self._load_tokenizer()
@@ -111,6 +142,8 @@ class TorchReader(Reader):
 
         torch.set_num_threads(threads)
         model = AutoModelForQuestionAnswering.from_pretrained(self.folder).float().eval()
+        # The size it runs at (the book's state-dict size): the shipped weights are stored fp16.
+        self.fp32_bytes = sum(t.numel() * 4 for t in model.state_dict().values())
         accepted = inspect.signature(model.forward).parameters
         self.input_names = [n for n in INPUT_NAMES if n in accepted]
         self.session = _TorchSession(model)
@@ -121,7 +154,7 @@ class TorchReader(Reader):
             stage="reader",
             model=str(self.cfg.model),
             format="torch-fp32",
-            size_mb=round(weights_bytes(self.folder) / 2**20, 2),
+            size_mb=round(self.fp32_bytes / 2**20, 2),
             device=self.device,
         )
 
@@ -137,8 +170,9 @@ def weights_bytes(checkpoint: Path) -> int:
 
 
 def model_bytes(reader: Reader) -> int:
+    """The torch model's fp32 state dict; an ONNX variant's model.onnx."""
     if isinstance(reader, TorchReader):
-        return weights_bytes(reader.folder)
+        return reader.fp32_bytes
     return (reader.folder / ONNX_NAME).stat().st_size
 
 
@@ -164,8 +198,9 @@ class Models:
     def missing(self, variant: str, cache_dir: Path) -> ConfigError:
         return ConfigError(
             f"variant {variant!r} needs the fp32 checkpoint {self.source!r}, which is not "
-            f"on this machine (nor its export in {cache_dir}). Pass the checkpoint with "
-            f"--model, or recreate it: {self.hint}",
+            f"on this machine (nor its export in {cache_dir}; a folder written by "
+            f"write_reader_folder(..., weights=True) carries it in {WEIGHTS_DIR}/). Pass the "
+            f"checkpoint with --model, or recreate it: {self.hint}",
             field="model",
         )
 
@@ -227,19 +262,51 @@ def _recreate_hint(folder: Path) -> str:
 
 
 def build_readers(
-    models: Models, variants: Sequence[str], cache_dir: Path, threads: int
+    models: Models,
+    variants: Sequence[str],
+    cache_dir: Path,
+    threads: int,
+    calibration: Callable[[Path], list[Feeds]] | None = None,
+    skipped: dict[str, str] | None = None,
 ) -> dict[str, Reader]:
+    """One reader per variant. `calibration(checkpoint)` gives static int8 its windows; a
+    variant this ONNX Runtime cannot run goes into `skipped` with the reason (raised when
+    `skipped` is None)."""
     readers: dict[str, Reader] = {}
     for variant in variants:
+        if variant in ("torch", *DERIVED) and models.checkpoint is None:
+            raise models.missing(variant, cache_dir)
         if variant == "torch":
-            if models.checkpoint is None:
-                raise models.missing(variant, cache_dir)
+            assert models.checkpoint is not None
             readers[variant] = TorchReader(models.checkpoint, threads=threads)
-        else:
-            folder = models.folder(variant, cache_dir)
-            cfg = ReaderConfig(model=str(folder), precision="fp32", optimize=False)
-            readers[variant] = Reader(cfg, cache_dir, threads=threads)
+            continue
+        try:
+            folder = _variant_folder(models, variant, cache_dir, calibration)
+        except VariantUnsupported as exc:
+            if skipped is None:
+                raise
+            skipped[variant] = str(exc)
+            continue
+        readers[variant] = onnx_reader(folder, cache_dir, threads)
     return readers
+
+
+def _variant_folder(
+    models: Models,
+    variant: str,
+    cache_dir: Path,
+    calibration: Callable[[Path], list[Feeds]] | None,
+) -> Path:
+    checkpoint = models.checkpoint
+    if variant == "onnx-int8-static":
+        assert checkpoint is not None
+        if calibration is None:
+            raise ConfigError("onnx-int8-static needs calibration windows", field="calibration")
+        return export_static_int8(checkpoint, cache_dir, calibration(checkpoint))
+    if variant == "onnx-bf16":
+        assert checkpoint is not None
+        return export_bf16(checkpoint, cache_dir)
+    return models.folder(variant, cache_dir)
 
 
 # --- measuring -----------------------------------------------------------------------------
@@ -293,14 +360,16 @@ def measure(
 
     results: dict[str, dict[str, Any]] = {}
     for name in names:
-        scores = [
-            squad_em_f1(p, [a.text for a in ex.answers])
-            for p, ex in zip(preds[name], examples, strict=True)
-        ]
+        golds = [[a.text for a in ex.answers] for ex in examples]
+        pairs = list(zip(preds[name], golds, strict=True))
+        scores = np.array([squad_em_f1(p, g) for p, g in pairs]).reshape(-1, 2)
+        lenient = np.array([squad_em_f1(p, g, official=False) for p, g in pairs]).reshape(-1, 2)
         lat = np.asarray(times[name])
         results[name] = {
-            "em": round(float(np.mean([s[0] for s in scores])), 4),
-            "f1": round(float(np.mean([s[1] for s in scores])), 4),
+            "em": round(float(scores[:, 0].mean()), 4),
+            "f1": round(float(scores[:, 1].mean()), 4),
+            "lenient_em": round(float(lenient[:, 0].mean()), 4),
+            "lenient_f1": round(float(lenient[:, 1].mean()), 4),
             "latency_ms": {
                 "median": round(float(np.median(lat)), 3),
                 "p95": round(float(np.percentile(lat, 95)), 3),
@@ -330,16 +399,18 @@ def measure(
     return results
 
 
-def add_ratios(variants: dict[str, dict[str, Any]], baseline: str) -> None:
-    """Each variant against the baseline: speed-up, times smaller, EM/F1 deltas in points."""
+def add_ratios(variants: dict[str, dict[str, Any]], baseline: str, key: str = "ratios") -> None:
+    """Each variant against the baseline: speed-up, times smaller, EM/F1 deltas in points;
+    stored under row[key]."""
     base = variants[baseline]
     for row in variants.values():
-        row["ratios"] = {
+        row[key] = {
             "speedup_median": round(base["latency_ms"]["median"] / row["latency_ms"]["median"], 3),
             "speedup_p95": round(base["latency_ms"]["p95"] / row["latency_ms"]["p95"], 3),
             "size_ratio": round(base["size_mb"] / row["size_mb"], 3),
             "em_delta_points": round(100 * (row["em"] - base["em"]), 2),
             "f1_delta_points": round(100 * (row["f1"] - base["f1"]), 2),
+            "lenient_f1_delta_points": round(100 * (row["lenient_f1"] - base["lenient_f1"]), 2),
             **{
                 f"throughput_ratio_{k}": round(v / base["throughput_qps"][k], 3)
                 for k, v in row["throughput_qps"].items()
@@ -411,74 +482,6 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def format_table(report: dict[str, Any]) -> str:
-    baseline = report["baseline"]
-    sizes = [str(s) for s in report["batch_sizes"]]
-    head = (
-        f"{'variant':<14} {'size MB':>8} {'smaller':>7} {'p50 ms':>8} {'p95 ms':>8} "
-        f"{'speed-up':>8} {'EM %':>6} {'F1 %':>6} {'dEM':>6} {'dF1':>6}"
-        + "".join(f" {'q/s@' + s:>8}" for s in sizes)
-    )
-    lines = [head, "-" * len(head)]
-    for name, row in report["variants"].items():
-        r = row["ratios"]
-        lines.append(
-            f"{name:<14} {row['size_mb']:>8.1f} {r['size_ratio']:>6.2f}x "
-            f"{row['latency_ms']['median']:>8.2f} {row['latency_ms']['p95']:>8.2f} "
-            f"{r['speedup_median']:>7.2f}x {100 * row['em']:>6.1f} {100 * row['f1']:>6.1f} "
-            f"{r['em_delta_points']:>+6.1f} {r['f1_delta_points']:>+6.1f}"
-            + "".join(f" {row['throughput_qps'][s]:>8.1f}" for s in sizes)
-        )
-    lines.append(
-        f"ratios against {baseline}; dEM/dF1 in points; latency per question at batch 1 over "
-        f"{report['questions']} questions after {report['warmup']} warm-up; "
-        f"{report['machine']['threads']} threads"
-    )
-    return "\n".join(lines)
-
-
-def plot(report: dict[str, Any], path: Path) -> None:
-    """The book's plot: accuracy against median latency, bubble area = model size."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = report["variants"]
-    biggest = max(r["size_mb"] for r in rows.values())
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for ax, metric in zip(axes, ("em", "f1"), strict=True):
-        for i, (name, r) in enumerate(rows.items()):
-            ax.scatter(
-                r["latency_ms"]["median"],
-                100 * r[metric],
-                s=1500 * r["size_mb"] / biggest,
-                alpha=0.5,
-                color=f"C{i}",
-                edgecolors="k",
-                label=f"{name} ({r['size_mb']:.0f} MB)",
-            )
-        legend = ax.legend(loc="best", fontsize=8, labelspacing=1.2)
-        for handle in legend.legend_handles:
-            handle.set_sizes([60])  # the legend names a variant; its bubble says the size
-        ys = [100 * r[metric] for r in rows.values()]
-        xs = [r["latency_ms"]["median"] for r in rows.values()]
-        pad_y = max(2.0, (max(ys) - min(ys)) * 0.3)
-        ax.set_ylim(min(ys) - pad_y, max(ys) + pad_y)
-        ax.set_xlim(0, max(xs) * 1.3)
-        ax.set_xlabel("median latency per question, batch 1 (ms)")
-        ax.set_ylabel(f"{metric.upper()} (%)")
-        ax.grid(alpha=0.3)
-    fig.suptitle(
-        f"reader benchmark: {report['data_name']} ({report['questions']} questions, "
-        f"{report['machine']['threads']} threads); bubble area = model size",
-        fontsize=10,
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 # --- the command ---------------------------------------------------------------------------
 
 
@@ -495,8 +498,14 @@ def bench_reader(
     batch_sizes: Sequence[int] = BATCH_SIZES,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    readers: dict[str, Path] | None = None,
+    calibration: Path | None = None,
+    calibration_windows: int = DEFAULT_CALIBRATION_WINDOWS,
 ) -> dict[str, Any]:
-    """Run the benchmark; write reader.json and reader.png under `output`; return the report."""
+    """Run the benchmark; write reader.json and reader.png under `output`; return the report.
+
+    `readers`: other checkpoints, {NAME: path}, benched as NAME/onnx-fp32 and NAME/onnx-int8.
+    `calibration`: SubjQA split for static int8 (default: the train.csv beside `data`)."""
     from qaserve.subjqa import load_subjqa
 
     unknown = [v for v in variants if v not in VARIANTS]
@@ -506,6 +515,20 @@ def bench_reader(
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     models = locate_models(model, cache_dir)
     data = Path(data)
+    calibration_info: dict[str, Any] = {}
+    if "onnx-int8-static" in variants:
+        calibration = Path(calibration) if calibration else default_calibration(data)
+        calibration_info = {"data": str(calibration), "windows_wanted": calibration_windows}
+
+    def calibrate(checkpoint: Path) -> list[Feeds]:
+        assert calibration is not None
+        feeds = calibration_feeds(
+            checkpoint, cache_dir, calibration_pairs(calibration), calibration_windows
+        )
+        calibration_info["windows"] = sum(f["input_ids"].shape[0] for f in feeds)
+        calibration_info["questions"] = len(feeds)
+        return feeds
+
     examples = load_subjqa(data, split=split if data.is_dir() else None)
     if questions:
         examples = examples[:questions]
@@ -520,20 +543,32 @@ def bench_reader(
     machine = machine_info(threads)
 
     t0 = time.perf_counter()
-    readers = build_readers(models, list(variants), cache_dir, threads)
+    skipped: dict[str, str] = {}
+    built = build_readers(models, list(variants), cache_dir, threads, calibrate, skipped)
+    others, infos = extra_readers(readers or {}, cache_dir, threads)
+    built.update(others)
+    for name, reason in skipped.items():
+        log(f"note: {name} not run: {reason}")
+    if not built:
+        raise ConfigError(f"no variant could run: {skipped}")
     load_s = round(time.perf_counter() - t0, 1)
-    results = measure(readers, examples, min(warmup, len(examples)), batch_sizes, progress)
+    results = measure(built, examples, min(warmup, len(examples)), batch_sizes, progress)
 
     rows: dict[str, dict[str, Any]] = {}
-    for name, reader in readers.items():
+    for name, reader in built.items():
         rows[name] = {
+            "reader": name.split("/")[0] if "/" in name else "model",
             "format": reader.meta.get("format", name),
             "path": str(reader.folder),
             "size_mb": round(model_bytes(reader) / 2**20, 2),
             **results[name],
         }
+        if isinstance(reader, TorchReader):
+            rows[name]["stored_mb"] = round(weights_bytes(reader.folder) / 2**20, 2)
     baseline = next(v for v in ("torch", "onnx-fp32", *rows) if v in rows)
     add_ratios(rows, baseline)
+    if SERVED in rows:
+        add_ratios(rows, SERVED, key="vs_served")
     machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     report: dict[str, Any] = {
         "benchmark": "reader",
@@ -551,7 +586,11 @@ def bench_reader(
         "load_s": load_s,
         "machine": machine,
         "baseline": baseline,
+        "served": SERVED if SERVED in rows else None,
         "variants": rows,
+        "skipped": skipped,
+        "readers": infos,
+        "calibration": calibration_info,
     }
     report["targets"] = check_targets(rows, baseline)
 
@@ -589,10 +628,13 @@ def _cmd(args: argparse.Namespace) -> int:
         output=args.output,
         variants=variants,
         cache_dir=args.cache_dir,
-        warmup=args.warmup,
+        warmup=args.warmup if args.warmup is not None else (2 if args.questions else 10),
         batch_sizes=batch_sizes,
         progress=not args.quiet,
         log=lambda m: print(m, file=sys.stderr),
+        readers={**shipped_others(), **parse_reader_specs(args.reader)},
+        calibration=args.calibration,
+        calibration_windows=args.calibration_windows,
     )
     print(format_table(report))
     failed = False
@@ -615,23 +657,59 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--model",
-        required=True,
-        help="fp32 QA checkpoint (dir or hub id), or an exported reader folder whose "
-        "export.json names its checkpoint (e.g. serve/assets/reader)",
+        default=str(DEFAULT_READER_DIR),
+        help="exported reader folder whose export.json names its checkpoint (default: the "
+        "shipped serve/assets/reader, fp32 weights in its weights/), or an fp32 QA "
+        "checkpoint (dir or hub id)",
+    )
+    p.add_argument(
+        "--reader",
+        action="append",
+        metavar="NAME=PATH",
+        help="another fp32 QA checkpoint (a distill-reader or prune-reader OUTPUT/best), "
+        "benched as NAME/onnx-fp32 and NAME/onnx-int8, or an exported folder (model.onnx), "
+        "benched as served; repeatable. The shipped readers are always in the run",
     )
     p.add_argument("--data", type=Path, required=True, help="SubjQA CSV or domain folder")
     p.add_argument("--split", default="test", help="split file in a domain folder (default test)")
-    p.add_argument("--questions", type=int, default=None, help="first N questions (default all)")
+    p.add_argument(
+        "--limit",
+        "--questions",
+        dest="questions",
+        metavar="N",
+        type=int,
+        default=None,
+        help="first N questions (default all; a short run for CI)",
+    )
+    p.add_argument(
+        "--calibration",
+        type=Path,
+        default=None,
+        help="SubjQA split whose windows calibrate onnx-int8-static (default: train.csv "
+        "beside --data)",
+    )
+    p.add_argument(
+        "--calibration-windows",
+        type=int,
+        default=DEFAULT_CALIBRATION_WINDOWS,
+        help=f"calibration windows (default {DEFAULT_CALIBRATION_WINDOWS})",
+    )
     p.add_argument("--threads", type=int, default=2, help="threads for every runtime (default 2)")
     p.add_argument("--output", type=Path, default=Path("runs/bench"), help="folder for JSON+PNG")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
     p.add_argument("--batch-sizes", default=",".join(map(str, BATCH_SIZES)))
-    p.add_argument("--warmup", type=int, default=10, help="untimed questions per variant")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="untimed questions per variant (default 10; 2 with --limit)",
+    )
     p.add_argument("--cache-dir", type=Path, default=None, help="ONNX export cache")
     p.add_argument("--check", action="store_true", help="exit 1 when a target fails")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd)
 
-    from qaserve.offline import bench_encoder
+    from qaserve.offline import bench_encoder, bench_ingest
 
     bench_encoder.register(sub)
+    bench_ingest.register(sub)

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from qaserve.offline.command import Command
 from qaserve.offline.reader_loop import (
     NEG,
     LoopConfig,
@@ -494,7 +495,6 @@ def _add_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     res = distill_reader(
         args.train,
         args.dev,
@@ -516,19 +516,17 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: Any) -> None:
-    """Add `distill-reader` to a CLI's argparse subparsers (handler in `func`)."""
-    p = subparsers.add_parser("distill-reader", help="distil the reader into a smaller student")
-    _add_args(p)
-    p.set_defaults(func=_run)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m qaserve.offline.distill_reader", description=__doc__
-    )
-    _add_args(p)
-    return _run(p.parse_args(argv))
+COMMAND = Command(
+    "distill-reader",
+    "distil the reader into a smaller student",
+    _add_args,
+    _run,
+    module="qaserve.offline.distill_reader",
+    doc=__doc__,
+    logs=True,
+)
+register = COMMAND.register
+main = COMMAND.main
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ from typing import Any
 
 import httpx
 
+from qaserve.offline.command import Command
+
 SERVE_TIMEOUT_S = 600.0
 
 
@@ -500,8 +502,7 @@ def drill_soak(
 # --- the command ----------------------------------------------------------------------------
 
 
-def register(sub: Any) -> None:
-    p = sub.add_parser("drill", help="write drills: writers, kill -9, soak (figures printed)")
+def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("which", choices=["writers", "kill9", "soak"])
     p.add_argument("--url", default=None, help="a running server (default: start one here)")
     p.add_argument("--config", default=None, help="graph YAML for the server started here")
@@ -514,7 +515,6 @@ def register(sub: Any) -> None:
     p.add_argument("--duration", type=float, default=60.0, help="seconds (soak)")
     p.add_argument("--bound-mb", type=float, default=150.0, help="RSS growth allowed (soak)")
     p.add_argument("--api-key", default=None)
-    p.set_defaults(func=_cmd_drill)
 
 
 def _cmd_drill(args: Any) -> int:
@@ -548,7 +548,19 @@ def _cmd_drill(args: Any) -> int:
     return 0 if result.get("ok", True) else 1
 
 
+COMMAND = Command(
+    "drill",
+    "write drills: writers, kill -9, soak (figures printed)",
+    _add_args,
+    _cmd_drill,
+    module="qaserve.offline.drills",
+    doc=__doc__,
+)
+register = COMMAND.register
+
+
 def main(argv: list[str] | None = None) -> int:
+    """`qaserve drill ...` without the rest of the CLI (the command's name stays in argv)."""
     parser = argparse.ArgumentParser(prog="qaserve")
     register(parser.add_subparsers(dest="cmd", required=True))
     args = parser.parse_args(argv)

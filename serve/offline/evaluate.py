@@ -25,7 +25,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qaserve.metrics import average_precision, mean, squad_em_f1
-from qaserve.offline.protocol import KS, answerable, load_domain, random_rankings, recall_table
+from qaserve.offline.command import Command, add_settings
+from qaserve.offline.protocol import (
+    KS,
+    answerable,
+    item_query,
+    load_domain,
+    random_rankings,
+    recall_table,
+)
 
 if TYPE_CHECKING:
     from qaserve_client.schema import RetrievalMode
@@ -115,7 +123,7 @@ def evaluate(
 
     from qaserve.config import EngineConfig
     from qaserve.runtime.local import Engine
-    from qaserve_client.schema import QueryRequest, ReadDocument, ReadResponse
+    from qaserve_client.schema import ReadDocument, ReadResponse
 
     domain = load_domain(path, split, limit)
     examples = domain.questions
@@ -199,15 +207,7 @@ def evaluate(
         def ask(ex: Any, mode: str, **kw: Any) -> Any:
             """One query with the caller's options; unset ones are the server's."""
             options = {"top_k_retriever": top_k_retriever, "retrieval": pipeline_retrieval, **kw}
-            return engine.query(
-                QueryRequest(
-                    question=ex.question,
-                    filters={"item_id": ex.item_id},
-                    collection=collection,
-                    mode=mode,
-                    **{k: v for k, v in options.items() if v is not None},
-                )
-            )
+            return engine.query(item_query(ex, collection, mode, **options))
 
         preds, reads, latencies = [], [], []
         for ex in tqdm(examples, desc="retriever + reader", disable=not progress):
@@ -387,17 +387,7 @@ def plot_recall(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _setting(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    import yaml
-
-    return key, yaml.safe_load(value)
-
-
-def register(sub: Any) -> None:
-    p = sub.add_parser("eval", help="evaluate retriever, reader, pipeline and generator on SubjQA")
+def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "path",
         type=Path,
@@ -414,15 +404,7 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--pipeline-retrieval", choices=MODES, default=None, help="default: the configured mode"
     )
-    p.add_argument(
-        "--set",
-        dest="settings",
-        type=_setting,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a config override, dotted (e.g. reader.no_answer_margin=1.5); repeatable",
-    )
+    add_settings(p, "reader.no_answer_margin=1.5")
     p.add_argument(
         "--compare-modes",
         action="store_true",
@@ -433,7 +415,6 @@ def register(sub: Any) -> None:
     p.add_argument("--limit", type=int, default=None, help="only the first N questions")
     p.add_argument("--tag", default="", help="suffix for the output files")
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=_cmd)
 
 
 def _cmd(args: argparse.Namespace) -> int:
@@ -458,3 +439,14 @@ def _cmd(args: argparse.Namespace) -> int:
     print(format_table(report))
     print(f"\nwrote {args.output / (stem + '.json')} and {stem}-recall.png", file=sys.stderr)
     return 0
+
+
+COMMAND = Command(
+    "eval",
+    "evaluate retriever, reader, pipeline and generator on SubjQA",
+    _add_args,
+    _cmd,
+    module="qaserve.offline.evaluate",
+    doc=__doc__,
+)
+register = COMMAND.register

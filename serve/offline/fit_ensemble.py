@@ -38,6 +38,7 @@ from qaserve.deployments.ensemble_policy import (
     feature_names,
 )
 from qaserve.metrics import mean, squad_em_f1
+from qaserve.offline.command import Command, add_settings
 
 L2_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 FOLDS = 5
@@ -72,13 +73,11 @@ def collect(
 ) -> dict[str, Any]:
     """Run the pipeline over each domain's questions; one row per question: its golds, its
     candidates' texts, features and F1, and the extractive pipeline's answer."""
-    from tqdm.auto import tqdm
 
     from qaserve.config import EngineConfig
     from qaserve.deployments.ensemble import Ensemble
-    from qaserve.offline.protocol import load_domain
+    from qaserve.offline.protocol import item_query, served_questions
     from qaserve.runtime.local import Engine
-    from qaserve_client.schema import QueryRequest
 
     rows: list[dict[str, Any]] = []
     seconds: list[float] = []
@@ -92,35 +91,27 @@ def collect(
         engine = Engine(EngineConfig.load(None, data_dir=Path(tmp), **overrides))
         reader_only = Ensemble(engine.cfg.ensemble.model_copy(update={"policy": None}))
         try:
-            for name in domains:
-                domain = load_domain(data / name, split, limit)
-                collection = f"fit_{name}"
-                engine.ingest(domain.reviews, collection=collection, progress=progress)
-                for ex in tqdm(domain.questions, desc=f"{name}/{split}", disable=not progress):
-                    request = QueryRequest(
-                        question=ex.question,
-                        filters={"item_id": ex.item_id},
-                        collection=collection,
-                        mode="ensemble",
+            runs = served_questions(engine, data, split, domains, limit, "fit", progress)
+            for name, ex, collection in runs:
+                request = item_query(ex, collection, "ensemble")
+                t0 = time.perf_counter()
+                ev = engine.run(engine.pipeline.evidence(request))
+                seconds.append(time.perf_counter() - t0)
+                for stage, ms in ev.timings.items():
+                    stages.setdefault(stage, []).append(ms)
+                golds = _golds(ex)
+                row: dict[str, Any] = {"domain": name, "id": ex.id, "golds": golds}
+                if ev.read is None:  # nothing retrieved: the answer is "no answer"
+                    row.update(texts=[""], features=[], f1=[_f1("", golds)], reader="")
+                else:
+                    cands = candidates(ev.read, ev.documents, ev.scored, ev.generated)
+                    row.update(
+                        texts=cands.texts,
+                        features=cands.features,
+                        f1=[_f1(t, golds) for t in cands.texts],
+                        reader=reader_only.combine("extractive", ev.read, None).text,
                     )
-                    t0 = time.perf_counter()
-                    ev = engine.run(engine.pipeline.evidence(request))
-                    seconds.append(time.perf_counter() - t0)
-                    for stage, ms in ev.timings.items():
-                        stages.setdefault(stage, []).append(ms)
-                    golds = _golds(ex)
-                    row: dict[str, Any] = {"domain": name, "id": ex.id, "golds": golds}
-                    if ev.read is None:  # nothing retrieved: the answer is "no answer"
-                        row.update(texts=[""], features=[], f1=[_f1("", golds)], reader="")
-                    else:
-                        cands = candidates(ev.read, ev.documents, ev.scored, ev.generated)
-                        row.update(
-                            texts=cands.texts,
-                            features=cands.features,
-                            f1=[_f1(t, golds) for t in cands.texts],
-                            reader=reader_only.combine("extractive", ev.read, None).text,
-                        )
-                    rows.append(row)
+                rows.append(row)
         finally:
             engine.close()
     return {
@@ -233,10 +224,7 @@ def features_path(output: Path) -> Path:
     return output.with_name(f"{output.stem}.features.json")
 
 
-def register(sub: Any) -> None:
-    p = sub.add_parser(
-        "fit-ensemble", help="fit the ensemble's learned policy on SubjQA dev splits"
-    )
+def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, help="a folder of SubjQA domain folders")
     p.add_argument("--split", default="dev", help="the split to fit on (default dev)")
     p.add_argument("--domains", nargs="+", default=None, help="default: every domain in --data")
@@ -251,21 +239,11 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--features", type=Path, default=None, help="refit from collected features (no pipeline)"
     )
-    p.add_argument(
-        "--set",
-        dest="settings",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a config override, dotted (e.g. ensemble.score_documents=3); repeatable",
-    )
+    add_settings(p, "ensemble.score_documents=3")
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=_cmd)
 
 
 def _cmd(args: argparse.Namespace) -> int:
-    from qaserve.offline.evaluate import _setting
-
     if args.features is not None:
         collected = json.loads(args.features.read_text())
         if collected.get("kind") != FEATURES_FORMAT:
@@ -276,14 +254,13 @@ def _cmd(args: argparse.Namespace) -> int:
         domains = args.domains or domains_in(args.data, args.split)
         if not domains:
             raise SystemExit(f"no domain under {args.data} has a {args.split} split")
-        settings = dict(_setting(s) for s in args.settings)
         collected = collect(
             args.data,
             args.split,
             domains,
             args.generator_use,
             limit=args.limit,
-            settings=settings,
+            settings=dict(args.settings),
             progress=not args.quiet,
         )
         features_path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -301,3 +278,14 @@ def _cmd(args: argparse.Namespace) -> int:
         "weights (standardised):", ", ".join(f"{n} {w:+.2f}" for n, w in weights), file=sys.stderr
     )
     return 0
+
+
+COMMAND = Command(
+    "fit-ensemble",
+    "fit the ensemble's learned policy on SubjQA dev splits",
+    _add_args,
+    _cmd,
+    module="qaserve.offline.fit_ensemble",
+    doc=__doc__,
+)
+register = COMMAND.register

@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,3 +101,38 @@ def random_rankings(domain: Domain, seed: int = 0) -> dict[str, list[str]]:
         ex.id: rng.sample(domain.by_item[ex.item_id], len(domain.by_item[ex.item_id]))
         for ex in domain.questions
     }
+
+
+def item_query(ex: Any, collection: str, mode: str, **options: Any) -> Any:
+    """The protocol's query for question `ex`: its item's reviews only; options left None
+    are the server's configured values."""
+    from qaserve_client.schema import QueryRequest
+
+    return QueryRequest(
+        question=ex.question,
+        filters={"item_id": ex.item_id},
+        collection=collection,
+        mode=mode,
+        **{k: v for k, v in options.items() if v is not None},
+    )
+
+
+def served_questions(
+    engine: Any,
+    data: Path,
+    split: str,
+    domains: Sequence[str],
+    limit: int | None = None,
+    prefix: str = "protocol",
+    progress: bool = False,
+) -> Iterator[tuple[str, Any, str]]:
+    """Each domain's corpus ingested into its own collection of `engine` (an in-process
+    Engine), then (domain, question, collection) for each question of `split`."""
+    from tqdm.auto import tqdm
+
+    for name in domains:
+        domain = load_domain(data / name, split, limit)
+        collection = f"{prefix}_{name}"
+        engine.ingest(domain.reviews, collection=collection, progress=progress)
+        for ex in tqdm(domain.questions, desc=f"{name}/{split}", disable=not progress):
+            yield name, ex, collection

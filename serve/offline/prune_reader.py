@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from qaserve.offline.command import Command
 from qaserve.offline.distill_reader import (
     add_loop_args,
     batch_loss,
@@ -473,7 +474,6 @@ def _add_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     res = prune_reader(
         args.train,
         args.dev,
@@ -503,17 +503,17 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: Any) -> None:
-    """Add `prune-reader` to a CLI's argparse subparsers (handler in `func`)."""
-    p = subparsers.add_parser("prune-reader", help="prune the reader while fine-tuning it")
-    _add_args(p)
-    p.set_defaults(func=_run)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m qaserve.offline.prune_reader", description=__doc__)
-    _add_args(p)
-    return _run(p.parse_args(argv))
+COMMAND = Command(
+    "prune-reader",
+    "prune the reader while fine-tuning it",
+    _add_args,
+    _run,
+    module="qaserve.offline.prune_reader",
+    doc=__doc__,
+    logs=True,
+)
+register = COMMAND.register
+main = COMMAND.main
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ import numpy as np
 
 from qaserve.deployments.prior import NO_ANSWER_TEXT, is_no_answer
 from qaserve.errors import ConfigError
+from qaserve.offline.command import Command
 from qaserve.offline.optim import adamw_with_warmup
 from qaserve.offline.train_reader import length_batches
 from qaserve.subjqa import QAExample, load_subjqa
@@ -613,7 +614,6 @@ def _add_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     res = train_generator(
         args.data,
         args.output,
@@ -644,21 +644,17 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: Any) -> None:
-    """Add `train-generator` to a CLI's argparse subparsers (handler in `func`)."""
-    p = subparsers.add_parser(
-        "train-generator", help="fine-tune the RAG-Token generator on SubjQA (marginal likelihood)"
-    )
-    _add_args(p)
-    p.set_defaults(func=_run)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m qaserve.offline.train_generator", description=__doc__
-    )
-    _add_args(p)
-    return _run(p.parse_args(argv))
+COMMAND = Command(
+    "train-generator",
+    "fine-tune the RAG-Token generator on SubjQA (marginal likelihood)",
+    _add_args,
+    _run,
+    module="qaserve.offline.train_generator",
+    doc=__doc__,
+    logs=True,
+)
+register = COMMAND.register
+main = COMMAND.main
 
 
 if __name__ == "__main__":

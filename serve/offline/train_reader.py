@@ -32,6 +32,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from qaserve.offline.command import Command
 from qaserve.subjqa import QAExample, load_examples
 from qaserve.threads import bound_threads
 
@@ -484,7 +485,6 @@ def _add_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     res = train_reader(
         args.train,
         args.dev,
@@ -514,19 +514,17 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: Any) -> None:
-    """Add `train-reader` to a CLI's argparse subparsers (handler in `func`)."""
-    p = subparsers.add_parser(
-        "train-reader", help="fine-tune the extractive reader on SubjQA/SQuAD"
-    )
-    _add_args(p)
-    p.set_defaults(func=_run)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m qaserve.offline.train_reader", description=__doc__)
-    _add_args(p)
-    return _run(p.parse_args(argv))
+COMMAND = Command(
+    "train-reader",
+    "fine-tune the extractive reader on SubjQA/SQuAD",
+    _add_args,
+    _run,
+    module="qaserve.offline.train_reader",
+    doc=__doc__,
+    logs=True,
+)
+register = COMMAND.register
+main = COMMAND.main
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from qaserve.errors import BadRequest
+from qaserve.offline.command import Command
 from qaserve.offline.protocol import Domain, load_domain, random_rankings, recall_table
 from qaserve.subjqa import QAExample, load_subjqa
 from qaserve.threads import bound_threads
@@ -767,13 +768,13 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: Any) -> None:
-    """Add `train-retriever` to a CLI's argparse subparsers (handler in `func`)."""
-    p = subparsers.add_parser(
-        "train-retriever",
-        help="fine-tune the retriever's encoder on SubjQA (selected on dev)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _add_args(p)
-    p.set_defaults(func=_run)
+COMMAND = Command(
+    "train-retriever",
+    "fine-tune the retriever's encoder on SubjQA (selected on dev)",
+    _add_args,
+    _run,
+    module="qaserve.offline.train_retriever",
+    doc=__doc__,
+    doc_in_cli=True,
+)
+register = COMMAND.register

@@ -42,7 +42,8 @@ def stage_packages(dest: Path) -> Path:
     import qaserve.deployments
     import qaserve_client
 
-    skip = shutil.ignore_patterns("__pycache__", "*.pyc")
+    # weights/: the shipped reader's fp16 source weights: `bench reader` reads them, replicas never.
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc", "weights")
     root = dest / "qaserve-app"
     shutil.copytree(Path(qaserve.__file__).parent, root / "qaserve", ignore=skip)
     deployments = root / "qaserve" / "deployments"

@@ -1,0 +1,109 @@
+"""The reader's no-answer weight: fitted on dev by `qaserve calibrate-reader`, carried in the
+model folder, applied by the Reader unless the config sets its own."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from tiny_models import tiny_reader_dir
+
+from qaserve.cli import main
+from qaserve.config import ReaderConfig
+from qaserve.deployments.reader import CALIBRATION_NAME, Reader
+from qaserve.offline.calibrate_reader import best_weight, score_at
+
+FIXTURE = Path(__file__).parent / "fixtures" / "subjqa_mini.csv"
+QUESTION = "Is the battery good?"
+REVIEW = "The battery lasts two days. The screen is dim and the case feels cheap."
+
+
+def _row(span: str, s: float, n: float, golds: list[str]) -> dict:
+    return {
+        "span": span,
+        "span_score": s,
+        "null_score": n,
+        "golds": golds,
+        "domain": "d",
+        "answerable": any(golds),
+    }
+
+
+def test_the_weight_that_wins_official_f1_is_chosen() -> None:
+    rows = [
+        _row("wrong", 0.30, 0.10, [""]),  # unanswerable: abstain once w >= 3
+        _row("wrong", 0.20, 0.10, [""]),  # abstain once w >= 2
+        _row("two days", 0.90, 0.10, ["two days"]),  # right: answer while w < 9
+    ]
+    assert score_at(rows, 1.0)["all"]["f1"] == pytest.approx(1 / 3)
+    chosen = best_weight(rows)
+    assert 3.0 <= chosen["weight"] < 9.0 and chosen["all"]["f1"] == pytest.approx(1.0)
+    assert score_at(rows, math.inf)["null_rate"] == 1.0
+    # Nothing to gain: the weight nearest 1 (the pipeline's rule) stays.
+    same = [_row("two days", 0.9, 0.01, ["two days"])]
+    assert best_weight(same)["weight"] == pytest.approx(1.0, rel=0.1)
+
+
+def test_mixed_golds_score_by_the_official_rule() -> None:
+    """A question with a span and a "no answer" label must be answered (SQuAD 2.0)."""
+    rows = [_row("two days", 0.5, 0.4, ["two days", ""])]
+    assert score_at(rows, 1.0)["all"]["f1"] == 1.0
+    assert score_at(rows, 10.0)["all"]["f1"] == 0.0
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cal")
+    return tiny_reader_dir(root / "reader", root / "cache")
+
+
+def _top(folder: Path, cache: Path, **cfg: object) -> str:
+    reader = Reader(ReaderConfig(model=str(folder), **cfg), cache, threads=1)
+    res = reader.read(QUESTION, [REVIEW], top_k=1, handle_impossible_answer=True)
+    return res.answers[0].answer
+
+
+def test_the_folder_calibration_applies_unless_the_config_overrides(
+    folder: Path, tmp_path: Path
+) -> None:
+    (folder / CALIBRATION_NAME).unlink(missing_ok=True)
+    assert Reader(ReaderConfig(model=str(folder)), tmp_path, threads=1).null_weight == 1.0
+    try:
+        (folder / CALIBRATION_NAME).write_text(json.dumps({"null_weight": 1e9}))
+        assert _top(folder, tmp_path) == ""  # the model's own weight: always abstains
+        assert _top(folder, tmp_path, null_weight=1e-9) != ""  # the config's wins
+    finally:
+        (folder / CALIBRATION_NAME).unlink()
+    with pytest.raises(ValueError):
+        ReaderConfig(null_weight=0)
+
+
+def test_the_command_writes_a_weight_the_reader_loads(
+    folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [
+        "calibrate-reader",
+        "--data",
+        str(FIXTURE),
+        "--model",
+        str(folder),
+        "--cache-dir",
+        str(tmp_path),
+        "--quiet",
+        "--write",
+    ]
+    try:
+        assert main(argv) == 0
+        saved = json.loads((folder / CALIBRATION_NAME).read_text())
+        assert saved["selected_on"]["split"] == "dev" and saved["reader"]["questions"] == 11
+        f1s = {round(g["weight"], 4): g["f1"] for g in saved["reader"]["grid"]}
+        assert saved["reader"]["chosen"]["all"]["f1"] == pytest.approx(max(f1s.values()))
+        assert Reader(ReaderConfig(model=str(folder)), tmp_path, threads=1).null_weight == (
+            pytest.approx(saved["null_weight"])
+        )
+    finally:
+        (folder / CALIBRATION_NAME).unlink(missing_ok=True)
+    assert main(["calibrate-reader", "--data", str(FIXTURE), "--split", "test"]) == 2
+    assert "dev" in capsys.readouterr().err
