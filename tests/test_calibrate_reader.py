@@ -3,6 +3,7 @@ model folder, applied by the Reader unless the config sets its own."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -13,20 +14,20 @@ from tiny_models import tiny_reader_dir
 from qaserve.cli import main
 from qaserve.config import ReaderConfig
 from qaserve.deployments.reader import CALIBRATION_NAME, Reader
-from qaserve.offline.calibrate_reader import best_weight, score_at
+from qaserve.offline.calibrate_reader import best_weight, held_out, score_at, transfers
 
 FIXTURE = Path(__file__).parent / "fixtures" / "subjqa_mini.csv"
 QUESTION = "Is the battery good?"
 REVIEW = "The battery lasts two days. The screen is dim and the case feels cheap."
 
 
-def _row(span: str, s: float, n: float, golds: list[str]) -> dict:
+def _row(span: str, s: float, n: float, golds: list[str], domain: str = "d") -> dict:
     return {
         "span": span,
         "span_score": s,
         "null_score": n,
         "golds": golds,
-        "domain": "d",
+        "domain": domain,
         "answerable": any(golds),
     }
 
@@ -83,10 +84,19 @@ def test_the_folder_calibration_applies_unless_the_config_overrides(
 def test_the_command_writes_a_weight_the_reader_loads(
     folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    # Two domains (the fixture's questions again as "grocery"): a held-out check exists.
+    twin = tmp_path / "grocery.csv"
+    with FIXTURE.open(newline="") as src, twin.open("w", newline="") as dst:
+        reader = csv.DictReader(src)
+        writer = csv.DictWriter(dst, fieldnames=list(reader.fieldnames or []))
+        writer.writeheader()
+        for row in reader:
+            writer.writerow({**row, "domain": "grocery", "q_review_id": row["q_review_id"] + "g"})
     argv = [
         "calibrate-reader",
         "--data",
         str(FIXTURE),
+        str(twin),
         "--model",
         str(folder),
         "--cache-dir",
@@ -97,13 +107,33 @@ def test_the_command_writes_a_weight_the_reader_loads(
     try:
         assert main(argv) == 0
         saved = json.loads((folder / CALIBRATION_NAME).read_text())
-        assert saved["selected_on"]["split"] == "dev" and saved["reader"]["questions"] == 11
+        assert saved["selected_on"]["split"] == "dev" and saved["reader"]["questions"] == 22
+        assert {c["domain"] for c in saved["held_out"]} == {"electronics", "grocery"}
         f1s = {round(g["weight"], 4): g["f1"] for g in saved["reader"]["grid"]}
         assert saved["reader"]["chosen"]["all"]["f1"] == pytest.approx(max(f1s.values()))
         assert Reader(ReaderConfig(model=str(folder)), tmp_path, threads=1).null_weight == (
             pytest.approx(saved["null_weight"])
         )
+        # One domain gives no held-out evidence: nothing is written, the old file goes.
+        assert main(argv[:3] + argv[4:]) == 0
+        assert not (folder / CALIBRATION_NAME).exists()
+        assert "not written" in capsys.readouterr().out
     finally:
         (folder / CALIBRATION_NAME).unlink(missing_ok=True)
     assert main(["calibrate-reader", "--data", str(FIXTURE), "--split", "test"]) == 2
     assert "dev" in capsys.readouterr().err
+
+
+def test_a_weight_ships_only_if_every_held_out_domain_keeps_its_f1() -> None:
+    """Fitted on the other domains, the weight must not hurt the one left out."""
+    abstaining = [_row("wrong", 0.3, 0.1, [""], d) for d in ("a", "b", "c")]
+    helps = {"held_out": held_out(abstaining * 2)}
+    assert helps["held_out"] and transfers(helps)
+    # Domain "c" answers right where the others should abstain: its held-out F1 falls.
+    mixed = [_row("wrong", 0.3, 0.1, [""], d) for d in ("a", "b")] + [
+        _row("two days", 0.3, 0.1, ["two days"], "c")
+    ]
+    report = {"held_out": held_out(mixed)}
+    c = next(x for x in report["held_out"] if x["domain"] == "c")
+    assert c["gain"] < 0 and not transfers(report)
+    assert not transfers({"held_out": held_out(abstaining[:1])})  # one domain: no evidence

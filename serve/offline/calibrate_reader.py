@@ -7,7 +7,8 @@ official script's "best_f1_thresh"). Here the reader reads each dev question's o
 once, keeps its best span score s and its no-answer score n, and every weight w on a grid
 answers "no answer" when w * n >= s; the weight with the best pooled official F1 (ties: the
 one nearest 1) is written as `calibration.json` beside the model, which the Reader applies
-unless `reader.null_weight` says otherwise.
+unless `reader.null_weight` says otherwise, but only when a weight fitted on the other dev
+domains helps each held-out one (SubjQA's domains differ in how often they are unanswerable).
 
     qaserve calibrate-reader --data SubjQA/ --split dev --model serve/assets/reader --write
 """
@@ -115,6 +116,28 @@ def best_weight(rows: Sequence[dict[str, Any]], grid: Sequence[float] = GRID) ->
     return max(scored, key=lambda s: (round(s["all"]["f1"], 9), -abs(math.log(s["weight"]))))
 
 
+def held_out(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Leave one dev domain out: the weight fitted on the others, scored on it. SubjQA's
+    domains differ widely in how many questions are unanswerable, so a weight that helps the
+    pooled split can hurt a domain it was not fitted on (a user's corpus is such a domain)."""
+    out = []
+    domains = sorted({r["domain"] for r in rows})
+    for d in domains if len(domains) > 1 else []:
+        weight = best_weight([r for r in rows if r["domain"] != d])["weight"]
+        held = [r for r in rows if r["domain"] == d]
+        at_1, fitted = score_at(held, 1.0)["all"]["f1"], score_at(held, weight)["all"]["f1"]
+        out.append(
+            {"domain": d, "weight": weight, "f1_at_1": at_1, "f1": fitted, "gain": fitted - at_1}
+        )
+    return out
+
+
+def transfers(report: dict[str, Any]) -> bool:
+    """Ship a weight only when it helps (or leaves alone) every held-out dev domain."""
+    checks = report.get("held_out") or []
+    return bool(checks) and all(c["gain"] >= 0 for c in checks)
+
+
 def _summary(rows: Sequence[dict[str, Any]], weight: float) -> dict[str, Any]:
     return {
         "questions": len(rows),
@@ -166,8 +189,10 @@ def calibrate(
         for d in data:
             rows += pipeline_scores(Path(d), split, extra, limit, progress)
         results["pipeline"] = rows
-    chosen = best_weight(results["pipeline" if pipeline else "reader"])["weight"]
+    by = results["pipeline" if pipeline else "reader"]
+    chosen = best_weight(by)["weight"]
     return {
+        "held_out": held_out(by),
         "null_weight": chosen,
         "model": str(cfg.model),
         "selected_on": {
@@ -229,10 +254,22 @@ def _cmd(args: argparse.Namespace) -> int:
             print(_line("always no answer", res[part]["always_no_answer"]))
             print(_line("weight 1.0", res[part]["at_1"]))
             print(_line(f"weight {res['null_weight']:.3g}", res[part]["chosen"]))
+    for c in res["held_out"]:
+        print(
+            f"held out {c['domain']:<14} weight {c['weight']:.3g} (fitted on the others): "
+            f"F1 {c['f1_at_1']:.3f} -> {c['f1']:.3f} ({100 * c['gain']:+.1f})"
+        )
     if args.write:
-        folder = Path(res["model"])
-        (folder / CALIBRATION_NAME).write_text(json.dumps(res, indent=1) + "\n")
-        print(f"wrote {folder / CALIBRATION_NAME}")
+        path = Path(res["model"]) / CALIBRATION_NAME
+        if transfers(res):
+            path.write_text(json.dumps(res, indent=1) + "\n")
+            print(f"wrote {path}")
+        else:
+            path.unlink(missing_ok=True)
+            print(
+                f"not written: the weight hurts a held-out dev domain, so the reader keeps "
+                f"weight 1 (no {path})"
+            )
     else:
         print(json.dumps({"null_weight": res["null_weight"]}))
     return 0
