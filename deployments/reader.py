@@ -245,19 +245,19 @@ class Reader:
         starts: list[np.ndarray] = [np.empty(0, np.float32)] * len(windows)
         ends: list[np.ndarray] = [np.empty(0, np.float32)] * len(windows)
         # Longest first, so a capped chunk pads little.
-        order = sorted(range(len(windows)), key=lambda i: -len(windows[i].encoding.ids))
+        order = sorted(range(len(windows)), key=lambda i: -len(windows[i].encoding))
         for c in range(0, len(order), self.max_batch_windows):
             check(cancel)
             chunk = order[c : c + self.max_batch_windows]
             encs = [windows[i].encoding for i in chunk]
-            width = max(len(e.ids) for e in encs)
+            width = max(len(e) for e in encs)
             feeds = {
                 "input_ids": np.full((len(encs), width), self.pad_id, np.int64),
                 "attention_mask": np.zeros((len(encs), width), np.int64),
                 "token_type_ids": np.full((len(encs), width), self.pad_type_id, np.int64),
             }
             for row, e in enumerate(encs):
-                n = len(e.ids)
+                n = len(e)
                 feeds["input_ids"][row, :n] = e.ids
                 feeds["attention_mask"][row, :n] = e.attention_mask
                 feeds["token_type_ids"][row, :n] = e.type_ids
@@ -265,7 +265,7 @@ class Reader:
                 ["start_logits", "end_logits"], {k: feeds[k] for k in self.input_names}
             )
             for row, i in enumerate(chunk):
-                n = len(encs[row].ids)
+                n = len(encs[row])
                 starts[i] = out[0][row, :n].astype(np.float32)
                 ends[i] = out[1][row, :n].astype(np.float32)
         return starts, ends
@@ -281,13 +281,13 @@ class Reader:
         if not rows:
             return ReadResponse(answers=[], no_answer_score=None)
         encs = [windows[i].encoding for i in rows]
-        width = max(len(e.ids) for e in encs)
+        width = max(len(e) for e in encs)
         valid = np.zeros((len(rows), width), bool)
         start = np.zeros((len(rows), width), np.float32)
         end = np.zeros((len(rows), width), np.float32)
         for r, (i, e) in enumerate(zip(rows, encs, strict=True)):
-            n = len(e.ids)
-            seq = np.array([-1 if s is None else s for s in e.sequence_ids])
+            n = len(e)
+            seq = np.array(e.sequence_ids, dtype=np.float64)  # None -> nan: no sequence
             ok = (seq == self.context_seq) & (np.asarray(e.attention_mask) == 1)
             if self.cls_id is not None:  # [CLS] stays in the softmax (it is the no-answer)
                 ok |= np.asarray(e.ids) == self.cls_id
@@ -333,29 +333,32 @@ class Reader:
                 else:
                     merged[key] = {"answer": answer, "score": score, "start": a, "end": b}
 
-        answers: list[Answer] = []
+        # Plain dicts until the top k are known: an Answer model per candidate costs more
+        # than the span search at batch 1.
+        cands: list[dict[str, Any]] = []
         best_doc, best_score = None, -1.0
         for d in sorted(per_doc):
-            doc_id = _doc_id(job.documents[d], d)
             for cand in per_doc[d].values():
-                answers.append(Answer(document_id=doc_id, **cand))
+                cands.append({**cand, "doc": d})
                 if cand["score"] > best_score:
                     best_doc, best_score = d, cand["score"]
         if best_doc is None or self.cfg.no_answer == "most_confident":
             best_doc = max(doc_null, key=doc_null.__getitem__)  # the most confident no-answer
         no_answer = doc_null[best_doc]
         if job.handle_impossible_answer:
-            answers.append(
-                Answer(
-                    answer="",
-                    score=no_answer,
-                    start=0,
-                    end=0,
-                    document_id=_doc_id(job.documents[best_doc], best_doc),
-                )
+            cands.append({"answer": "", "score": no_answer, "start": 0, "end": 0, "doc": best_doc})
+        cands.sort(key=lambda c: c["score"], reverse=True)
+        answers = [
+            Answer(
+                answer=c["answer"],
+                score=c["score"],
+                start=c["start"],
+                end=c["end"],
+                document_id=_doc_id(job.documents[c["doc"]], c["doc"]),
             )
-        answers.sort(key=lambda a: a.score, reverse=True)
-        return ReadResponse(answers=answers[: job.top_k], no_answer_score=no_answer)
+            for c in cands[: job.top_k]
+        ]
+        return ReadResponse(answers=answers, no_answer_score=no_answer)
 
     def _char_span(self, enc: Any, s: int, e: int) -> tuple[int, int]:
         """Token span to characters of the context, widened to whole words (align_to_words)."""

@@ -118,6 +118,15 @@ def test_the_command_writes_a_weight_the_reader_loads(
         assert main(argv[:3] + argv[4:]) == 0
         assert not (folder / CALIBRATION_NAME).exists()
         assert "not written" in capsys.readouterr().out
+        # The report and the sweep plot, with another report beside this one.
+        report, png = tmp_path / "report.json", tmp_path / "sweep.png"
+        assert main([*argv[:-1], "--output", str(report)]) == 0
+        assert json.loads(report.read_text())["reader"]["grid"] == saved["reader"]["grid"]
+        extra = ["--plot", str(png), "--compare", f"before={report}", "--name", "fixture"]
+        assert main(argv[:-1] + extra) == 0
+        assert png.read_bytes()[:4] == b"\x89PNG"
+        with pytest.raises(SystemExit, match="NAME=JSON"):
+            main([*argv[:-1], "--plot", str(png), "--compare", str(report)])
     finally:
         (folder / CALIBRATION_NAME).unlink(missing_ok=True)
     assert main(["calibrate-reader", "--data", str(FIXTURE), "--split", "test"]) == 2

@@ -71,6 +71,7 @@ from qaserve.offline.bench_variants import (
     parse_reader_specs,
     shipped_others,
 )
+from qaserve.offline.command import Command
 from qaserve.threads import bound_threads, cpu_budget
 from qaserve_client.schema import ModelInfo, ReadDocument
 
@@ -645,16 +646,7 @@ def _cmd(args: argparse.Namespace) -> int:
     return 1 if failed and args.check else 0
 
 
-def register(subparsers: Any) -> None:
-    """Add `bench reader` to a CLI's argparse subparsers."""
-    bench = subparsers.add_parser("bench", help="benchmarks: reader and encoder, torch vs ONNX")
-    sub = bench.add_subparsers(dest="bench_command", required=True)
-    p = sub.add_parser(
-        "reader",
-        help="accuracy, latency, size and throughput of the reader's torch and ONNX variants",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default=str(DEFAULT_READER_DIR),
@@ -707,9 +699,29 @@ def register(subparsers: Any) -> None:
     p.add_argument("--cache-dir", type=Path, default=None, help="ONNX export cache")
     p.add_argument("--check", action="store_true", help="exit 1 when a target fails")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=_cmd)
 
+
+COMMAND = Command(
+    name="reader",
+    help="accuracy, latency, size and throughput of the reader's torch and ONNX variants",
+    add_args=_add_args,
+    run=_cmd,
+    module="qaserve.offline.bench",
+    doc=__doc__,
+    doc_in_cli=True,
+)
+main = COMMAND.main
+
+
+def register(subparsers: Any) -> None:
+    """`qaserve bench reader|encoder|ingest`: the group, then each bench's own Command."""
     from qaserve.offline import bench_encoder, bench_ingest
 
-    bench_encoder.register(sub)
-    bench_ingest.register(sub)
+    bench = subparsers.add_parser("bench", help="benchmarks: reader and encoder, torch vs ONNX")
+    sub = bench.add_subparsers(dest="bench_command", required=True)
+    for command in (COMMAND, bench_encoder.COMMAND, bench_ingest.COMMAND):
+        command.register(sub)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

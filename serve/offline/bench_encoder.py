@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from qaserve.offline.command import Command
 from qaserve.offline.protocol import load_domain, random_rankings, recall_table
 
 RUNTIMES = ("torch", "onnx-fp32", "onnx-int8")
@@ -141,13 +142,7 @@ def _cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: Any) -> None:
-    p = sub.add_parser(
-        "encoder",
-        help="the retriever's encoder on torch and ONNX (fp32, int8): speed and recall",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, required=True, help="SubjQA domain folder or a CSV")
     p.add_argument("--split", default="dev", help="questions from this split (default dev)")
     p.add_argument("--runtimes", default=",".join(RUNTIMES), help="comma-separated subset")
@@ -156,4 +151,19 @@ def register(sub: Any) -> None:
     p.add_argument("--speed-passages", type=int, default=256, help="reviews timed for speed")
     p.add_argument("--cache-dir", type=Path, default=None, help="ONNX export cache (default temp)")
     p.add_argument("--output", type=Path, default=Path("runs/bench"), help="folder for the JSON")
-    p.set_defaults(func=_cmd)
+
+
+COMMAND = Command(
+    name="encoder",
+    help="the retriever's encoder on torch and ONNX (fp32, int8): speed and recall",
+    add_args=_add_args,
+    run=_cmd,
+    module="qaserve.offline.bench_encoder",
+    doc=__doc__,
+    doc_in_cli=True,
+)
+register = COMMAND.register
+main = COMMAND.main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

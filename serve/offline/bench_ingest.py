@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qaserve.offline.command import Command
+
 if TYPE_CHECKING:
     from qaserve.runtime.local import LocalStages
 
@@ -316,13 +318,7 @@ def _cmd(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def register(sub: Any) -> None:
-    p = sub.add_parser(
-        "ingest",
-        help="a domain's reviews ingested through the HTTP server, per embedder runtime",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, required=True, help="SubjQA domain folder or a CSV")
     p.add_argument(
         "--runtimes",
@@ -354,4 +350,19 @@ def register(sub: Any) -> None:
         action="store_true",
         help=f"exit 1 when a runtime is under {TARGET_RATIO}x {BASELINE}",
     )
-    p.set_defaults(func=_cmd)
+
+
+COMMAND = Command(
+    name="ingest",
+    help="a domain's reviews ingested through the HTTP server, per embedder runtime",
+    add_args=_add_args,
+    run=_cmd,
+    module="qaserve.offline.bench_ingest",
+    doc=__doc__,
+    doc_in_cli=True,
+)
+register = COMMAND.register
+main = COMMAND.main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -68,8 +68,7 @@ def pipeline_scores(
     import tempfile
 
     from qaserve.config import EngineConfig
-    from qaserve.offline.fit_ensemble import domains_in
-    from qaserve.offline.protocol import item_query, served_questions
+    from qaserve.offline.protocol import domains_in, item_query, served_questions
     from qaserve.runtime.local import Engine
 
     rows: list[dict[str, Any]] = []
@@ -228,7 +227,77 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     )
     add_settings(p, "store.retrieval=bm25")
     p.add_argument("--write", action="store_true", help="write calibration.json beside the model")
+    p.add_argument("--output", type=Path, default=None, help="write the whole report (JSON) here")
+    p.add_argument("--name", default=None, help="this reader on the plot (default: its folder)")
+    p.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        help="PNG: dev F1 against the null rate as the weight moves, this reader and --compare",
+    )
+    p.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="NAME=JSON",
+        help="another reader's report (--output or calibration.json) on the plot; repeatable",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def plot_tradeoffs(reports: dict[str, dict[str, Any]], path: Path) -> None:
+    """Each reader's dev F1 against how often it abstains, as its no-answer weight sweeps the
+    grid. Readers that lie on one curve read equally well and differ only in their threshold;
+    a better reader sits above the others at the same null rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for i, (name, rep) in enumerate(reports.items()):
+        part = rep["reader"]
+        grid = sorted(part["grid"], key=lambda g: g["null_rate"])
+        color = f"C{i % 10}"
+        ax.plot(
+            [g["null_rate"] for g in grid],
+            [100 * g["f1"] for g in grid],
+            color=color,
+            label=f"{name} (best {100 * part['chosen']['all']['f1']:.1f} at weight "
+            f"{part['chosen']['weight']:.3g}; {100 * part['at_1']['all']['f1']:.1f} at 1)",
+        )
+        ax.scatter(part["at_1"]["null_rate"], 100 * part["at_1"]["all"]["f1"], color=color, s=30)
+        ax.scatter(
+            part["chosen"]["null_rate"], 100 * part["chosen"]["all"]["f1"], color=color, marker="*"
+        )
+    first = next(iter(reports.values()))["reader"]
+    base = first["always_no_answer"]
+    ax.axhline(100 * base["all"]["f1"], color="grey", ls="--", lw=1, label="always no answer")
+    ax.set_xlabel("null rate (share of questions answered 'no answer')")
+    ax.set_ylabel("dev F1, SQuAD 2.0 official (%)")
+    ax.set_title(
+        f"no-answer weight sweep, {first['questions']} dev questions (dot: weight 1, star: best)",
+        fontsize=10,
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower center")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _named_reports(specs: Sequence[str]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--compare wants NAME=JSON, got {spec!r}")
+        rep = json.loads(Path(path).read_text())
+        if "grid" not in rep.get("reader", {}):
+            raise SystemExit(f"{path}: not a calibrate-reader report")
+        out[name] = rep
+    return out
 
 
 def _cmd(args: argparse.Namespace) -> int:
@@ -237,6 +306,7 @@ def _cmd(args: argparse.Namespace) -> int:
     if args.split == "test":
         print("calibrate-reader: select on dev, not test", file=sys.stderr)
         return 2
+    others = _named_reports(args.compare)
     res = calibrate(
         args.data,
         args.split,
@@ -272,6 +342,13 @@ def _cmd(args: argparse.Namespace) -> int:
             )
     else:
         print(json.dumps({"null_weight": res["null_weight"]}))
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(res, indent=1) + "\n")
+        print(f"wrote {args.output}")
+    if args.plot is not None:
+        plot_tradeoffs({args.name or Path(res["model"]).name: res, **others}, args.plot)
+        print(f"wrote {args.plot}")
     return 0
 
 

@@ -53,15 +53,6 @@ def _f1(text: str, golds: Sequence[str]) -> float:
     return squad_em_f1(text, golds)[1]
 
 
-def domains_in(data: Path, split: str) -> list[str]:
-    """The domain folders under `data` that hold `split` (either layout of load_domain)."""
-    found = []
-    for d in sorted(p for p in data.iterdir() if p.is_dir()):
-        if (d / f"{split}.csv").exists() or (d / "splits" / f"{split}.csv").exists():
-            found.append(d.name)
-    return found
-
-
 def collect(
     data: Path,
     split: str,
@@ -251,6 +242,8 @@ def _cmd(args: argparse.Namespace) -> int:
     else:
         if args.data is None or not args.data.is_dir():
             raise SystemExit("--data must be a folder of SubjQA domain folders")
+        from qaserve.offline.protocol import domains_in
+
         domains = args.domains or domains_in(args.data, args.split)
         if not domains:
             raise SystemExit(f"no domain under {args.data} has a {args.split} split")

@@ -62,6 +62,15 @@ def load_domain(data: Path, split: str | None, limit: int | None = None) -> Doma
     return domain
 
 
+def domains_in(data: Path, split: str) -> list[str]:
+    """The domain folders under `data` that hold `split` (either layout of load_domain)."""
+    found = []
+    for d in sorted(p for p in data.iterdir() if p.is_dir()):
+        if (d / f"{split}.csv").exists() or (d / "splits" / f"{split}.csv").exists():
+            found.append(d.name)
+    return found
+
+
 def answerable(ex: Any) -> bool:
     return any(a.text for a in ex.answers)
 
