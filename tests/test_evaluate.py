@@ -129,3 +129,17 @@ def test_eval_runs_the_protocol_end_to_end(domain_dir: Path, tmp_path: Path) -> 
     assert set(report["pipeline_by_mode"]) == {"dense", "sparse", "hybrid"}
     assert (tmp_path / "out" / "electronics-test-t-recall.png").stat().st_size > 1000
     assert "always no answer" in stdout.getvalue()
+
+
+def test_the_generators_no_answer_text_scores_as_no_answer() -> None:
+    """A trained generator abstains with its fixed text; scoring it as a span would count a
+    correct abstention as wrong (and an abstention on an answerable question as a guess)."""
+    from types import SimpleNamespace
+
+    from qaserve.deployments.prior import NO_ANSWER_TEXT
+    from qaserve.offline.evaluate import generated_answer
+
+    assert generated_answer(SimpleNamespace(text=f" {NO_ANSWER_TEXT} ")) == ""
+    assert generated_answer(SimpleNamespace(text="i do not know")) == ""
+    assert generated_answer(None) == ""
+    assert generated_answer(SimpleNamespace(text=" great sound ")) == "great sound"

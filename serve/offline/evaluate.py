@@ -55,6 +55,15 @@ def _golds(ex: Any) -> list[str]:
     return [a.text for a in ex.answers] or [""]
 
 
+def generated_answer(generated: Any) -> str:
+    """The generator's text as scored: a trained generator says "no answer" with its fixed
+    no-answer text (deployments/prior.py), which SQuAD 2.0 scoring must see as empty."""
+    from qaserve.deployments.prior import is_no_answer
+
+    text = generated.text.strip() if generated is not None else ""
+    return "" if is_no_answer(text) else text
+
+
 def _score(preds: Sequence[str], examples: Sequence[Any]) -> dict[str, Any]:
     """EM/F1 by SQuAD 2.0's official rule, with the lenient figure (best over every gold,
     "no answer" included) beside it, for all questions and for each half."""
@@ -244,7 +253,7 @@ def evaluate(
                 resp = ask(ex, "ensemble", max_new_tokens=max_new_tokens)
                 gen = resp.generated
                 gens.append(gen)
-                gen_preds.append(gen.text.strip() if gen is not None else "")
+                gen_preds.append(generated_answer(gen))
                 ens_preds.append(resp.answer.text)
                 rd_preds.append(preds[i])
             report["generator"] = _score(gen_preds, subset)
