@@ -26,6 +26,7 @@ import torch
 
 from qaserve.cancel import CancelToken, check
 from qaserve.config import EngineConfig, GeneratorConfig
+from qaserve.deployments.generator_delta import GeneratorDelta
 from qaserve.deployments.prior import NO_ANSWER_TEXT, document_prior, generate_response
 from qaserve.deployments.span_scores import ScoreRequest, ScoreResponse, SpanScore
 from qaserve.errors import BadRequest, ConfigError
@@ -432,7 +433,9 @@ class RagTokenGenerator:
         self.cfg = cfg
         self.threads = bound_threads(threads)
         self.device = cfg.device
-        self.source = _Source.parse(cfg.model)
+        # A delta folder (qaserve.deployments.generator_delta) loads its base, then itself.
+        self.delta = GeneratorDelta.open(cfg.model)
+        self.source = _Source.parse(self.delta.base.locate() if self.delta else cfg.model)
         src = self.source
         load: dict[str, Any] = {"gguf_file": src.gguf_file} if src.gguf_file else {}
 
@@ -455,6 +458,8 @@ class RagTokenGenerator:
             if config is not None:
                 load["config"] = config
             self.model = auto.from_pretrained(src.name_or_dir, dtype=torch.float32, **load)
+            if self.delta is not None:
+                self.tokenizer = self.delta.apply(self.model, self.tokenizer)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot load generator model {cfg.model!r}: {exc}", "model") from exc
         self.model.to(self.device).eval()  # type: ignore[arg-type]  # its @wraps(Module.to) unbinds it
@@ -472,6 +477,8 @@ class RagTokenGenerator:
             fmt = f"gguf-{quant} dequantised to {dtype} (torch)"
         else:
             fmt = f"{dtype} (torch)"
+        if self.delta is not None:
+            fmt += f" + int8 delta of {len(self.delta.tensors)} tensors"
         return ModelInfo(
             stage=self.stage,
             model=self.cfg.model,

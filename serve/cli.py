@@ -362,6 +362,7 @@ def _extensions() -> list[Callable[[Any], None]]:
         "qaserve.offline.prune_reader",
         "qaserve.offline.train_retriever",
         "qaserve.offline.train_generator",
+        "qaserve.offline.export_generator",
         "qaserve.offline.fit_ensemble",
         "qaserve.offline.calibrate_reader",
         "qaserve.offline.evaluate",
