@@ -13,7 +13,6 @@ the chat template training used (the whole tokenizer only where it differs from 
 from __future__ import annotations
 
 import filecmp
-import hashlib
 import json
 import shutil
 import tempfile
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 
 from qaserve.errors import ConfigError
+from qaserve.modelstore import files_sha256
 
 FORMAT = "qaserve-generator-delta"
 VERSION = 1
@@ -62,15 +62,6 @@ def _weight_files(path: Path) -> list[Path]:
     return files
 
 
-def _sha256(files: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for file in files:
-        with open(file, "rb") as f:
-            while chunk := f.read(1 << 22):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
 @dataclass(frozen=True)
 class BaseModel:
     """The model a delta applies to: where it is found and which bytes it must have."""
@@ -95,7 +86,7 @@ class BaseModel:
             source=PACKAGED if same else str(path.absolute()),
             file=",".join(f.name for f in files),
             size=sum(f.stat().st_size for f in files),
-            sha256=_sha256(files),
+            sha256=files_sha256(files),
         )
 
     def locate(self) -> str:
@@ -110,7 +101,7 @@ class BaseModel:
             )
         files = _weight_files(path)
         found = (",".join(f.name for f in files), sum(f.stat().st_size for f in files))
-        if found != (self.file, self.size) or _sha256(files) != self.sha256:
+        if found != (self.file, self.size) or files_sha256(files) != self.sha256:
             raise ConfigError(
                 f"the generator delta was made for base {self.file} ({self.size} bytes, sha256 "
                 f"{self.sha256[:12]}...), but {model!r} holds another model: refused",

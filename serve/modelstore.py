@@ -23,7 +23,7 @@ import hashlib
 import json
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -48,20 +48,14 @@ def _files(src: Path) -> list[tuple[str, Path]]:
     return [(p.relative_to(src).as_posix(), p) for p in found]
 
 
-def _sha256(chunks: Iterator[bytes]) -> str:
+def files_sha256(paths: Iterable[Path]) -> str:
+    """sha256 of the files' bytes, one after another (one file: its own sha256)."""
     h = hashlib.sha256()
-    for chunk in chunks:
-        h.update(chunk)
+    for path in paths:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()
-
-
-def _read_chunks(f: Any) -> Iterator[bytes]:
-    yield from iter(lambda: f.read(1 << 20), b"")
-
-
-def _file_sha(path: Path) -> str:
-    with open(path, "rb") as f:
-        return _sha256(_read_chunks(f))
 
 
 def tree_digest(files: dict[str, str]) -> str:
@@ -111,7 +105,7 @@ def publish(src: str | Path, store: str) -> str:
     if not src.exists():
         raise ConfigError(f"{src}: no such model folder or file")
     files = _files(src)
-    hashes = {name: _file_sha(path) for name, path in files}
+    hashes = {name: files_sha256([path]) for name, path in files}
     digest = tree_digest(hashes)
     manifest = {
         "digest": digest,
@@ -219,7 +213,7 @@ def _fetch(uri: str, digest: str, root: Path, final: Path) -> None:
 
 def _verify(folder: Path, manifest: dict[str, Any], digest: str, uri: str) -> None:
     """Every file matches the manifest and the manifest matches the digest in the name."""
-    hashes = {name: _file_sha(folder / name) for name in manifest["files"]}
+    hashes = {name: files_sha256([folder / name]) for name in manifest["files"]}
     bad = [n for n, sha in hashes.items() if sha != manifest["files"][n]["sha256"]]
     if bad:
         raise ConfigError(f"model {uri!r}: files {bad} do not match the store's manifest")

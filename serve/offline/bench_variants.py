@@ -16,6 +16,7 @@ from qaserve.deployments.onnx_export import export_reader, resolve_checkpoint
 from qaserve.deployments.onnx_variants import Feeds, record_feeds
 from qaserve.deployments.reader import Reader
 from qaserve.errors import ConfigError
+from qaserve.offline.command import named_paths
 
 CALIBRATION_SEED = 0
 # The bench compares runtimes and models, not calibrations: spans win or lose against the
@@ -80,18 +81,14 @@ def calibration_feeds(
 
 
 def parse_reader_specs(specs: list[str] | None) -> dict[str, Path]:
-    """`NAME=PATH` strings to {NAME: PATH}; clear errors for anything else."""
-    out: dict[str, Path] = {}
-    for spec in specs or []:
-        name, sep, path = spec.partition("=")
-        name = name.strip()
-        if not sep or not name or not path.strip():
-            raise ConfigError(f"--reader {spec!r}: expected NAME=PATH", field="reader")
-        if "/" in name or name in out:
+    """`--reader NAME=PATH` strings to {NAME: PATH}; NAME also prefixes variant names
+    (NAME/onnx-int8), so it has no '/'."""
+    out = named_paths(specs, "--reader")
+    for name in out:
+        if "/" in name:
             raise ConfigError(
-                f"--reader {spec!r}: NAME must be unique and have no '/'", field="reader"
+                f"--reader {name!r}: NAME must be unique and have no '/'", field="reader"
             )
-        out[name] = Path(path.strip()).expanduser()
     return out
 
 

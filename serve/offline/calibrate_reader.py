@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from qaserve.metrics import squad_em_f1
-from qaserve.offline.command import Command, add_settings
+from qaserve.offline.command import Command, add_settings, named_paths
 
 GRID = tuple(float(w) for w in np.geomspace(0.01, 1000.0, 101))
 
@@ -288,12 +288,15 @@ def plot_tradeoffs(reports: dict[str, dict[str, Any]], path: Path) -> None:
 
 
 def _named_reports(specs: Sequence[str]) -> dict[str, dict[str, Any]]:
+    from qaserve.errors import ConfigError
+
+    try:
+        paths = named_paths(specs, "--compare", "JSON")
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from None
     out = {}
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise SystemExit(f"--compare wants NAME=JSON, got {spec!r}")
-        rep = json.loads(Path(path).read_text())
+    for name, path in paths.items():
+        rep = json.loads(path.read_text())
         if "grid" not in rep.get("reader", {}):
             raise SystemExit(f"{path}: not a calibrate-reader report")
         out[name] = rep

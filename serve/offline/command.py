@@ -11,6 +11,7 @@ import argparse
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -64,6 +65,24 @@ def parse_setting(text: str) -> tuple[str, Any]:
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or "unreadable"
         raise argparse.ArgumentTypeError(f"{text!r}: the value is not YAML ({problem})") from None
+
+
+def named_paths(specs: Sequence[str] | None, option: str, value: str = "PATH") -> dict[str, Path]:
+    """`NAME=PATH` options (`--reader`, `--compare`) to {NAME: PATH}: a ConfigError naming
+    `option` for a spec without both parts, or a NAME given twice."""
+    from qaserve.errors import ConfigError
+
+    field = option.lstrip("-")
+    out: dict[str, Path] = {}
+    for spec in specs or []:
+        name, sep, path = spec.partition("=")
+        name = name.strip()
+        if not sep or not name or not path.strip():
+            raise ConfigError(f"{option} {spec!r}: expected NAME={value}", field=field)
+        if name in out:
+            raise ConfigError(f"{option} {spec!r}: NAME must be unique", field=field)
+        out[name] = Path(path.strip()).expanduser()
+    return out
 
 
 def add_settings(p: argparse.ArgumentParser, example: str) -> None:

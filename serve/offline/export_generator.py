@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,7 +151,7 @@ def export_generator(
         "tokenizer": manifest["tokenizer"],
         "tensors_stored": len(manifest["tensors"]),
         "tensors_skipped": len(manifest["skipped"]),
-        "parameters_stored": sum(_numel(spec["shape"]) for spec in manifest["tensors"].values()),
+        "parameters_stored": sum(math.prod(spec["shape"]) for spec in manifest["tensors"].values()),
         "bytes": sum(files.values()),
         "weights_bytes": files[WEIGHTS],
         "checkpoint_bytes": sum(p.stat().st_size for p in checkpoint.glob("*.safetensors")),
@@ -159,13 +160,6 @@ def export_generator(
         # base_vs_checkpoint: what not applying the delta would look like, for scale.
         **compare(full, {"fidelity": delta, "base_vs_checkpoint": base_gen}, pairs, max_new_tokens),
     }
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _add_args(p: argparse.ArgumentParser) -> None:
