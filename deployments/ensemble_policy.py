@@ -196,13 +196,18 @@ class LogisticPolicy:
         generator_use: GeneratorUse,
         l2: float = 1.0,
         iterations: int = 50,
+        sample_weight: np.ndarray | None = None,
     ) -> LogisticPolicy:
         """L2-regularised logistic regression with soft labels y in [0, 1] by Newton's method
-        (IRLS): the objective is convex, so the fit is deterministic and needs no tuning."""
+        (IRLS): the objective is convex, so the fit is deterministic and needs no tuning.
+        `sample_weight` weighs each row's loss (default 1)."""
         x = np.asarray(x, dtype=np.float64)
         y = np.asarray(y, dtype=np.float64)
         if x.ndim != 2 or len(x) != len(y) or x.shape[1] != len(features) or len(x) == 0:
             raise ValueError(f"features {x.shape} do not match labels {y.shape} / {features}")
+        s = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, np.float64)
+        if s.shape != y.shape or np.any(s < 0):
+            raise ValueError(f"sample weights {s.shape} must be >= 0, one per row")
         mean = x.mean(0)
         scale = x.std(0)
         scale[scale < 1e-12] = 1.0  # a constant feature: weight 0 under the L2 term
@@ -212,8 +217,8 @@ class LogisticPolicy:
         reg[-1] = 0.0  # the bias is not shrunk
         for _ in range(iterations):
             p = _sigmoid(z @ w)
-            grad = z.T @ (p - y) + reg * w
-            hess = (z * (p * (1 - p))[:, None]).T @ z + np.diag(reg) + 1e-9 * np.eye(len(w))
+            grad = z.T @ (s * (p - y)) + reg * w
+            hess = (z * (s * p * (1 - p))[:, None]).T @ z + np.diag(reg) + 1e-9 * np.eye(len(w))
             step = np.linalg.solve(hess, grad)
             w -= step
             if np.max(np.abs(step)) < 1e-10:

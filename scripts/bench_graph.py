@@ -1,7 +1,8 @@
 """The Ray Serve graph against the in-process engine on the same questions, in one run.
 
     flock /tmp/qaserve-measure.lock .venv/bin/python scripts/bench_graph.py \
-        --questions 40 --concurrency 8 [--mode extractive] [--compare-batching]
+        --questions 40 --concurrency 8 [--mode extractive] [--compare-batching] \
+        [--set KEY=VALUE ...] [--compare-mode extractive]
 
 Both systems run side by side in this process (the graph on local Ray, the engine
 in-process) and are measured in alternating `--rounds`, so a change in the shared machine's
@@ -10,7 +11,10 @@ load hits both alike:
    median and p95 -> latency ratio graph / engine;
 2. the engine answering the questions one at a time (questions/s), then the graph under
    `--concurrency` parallel clients -> throughput ratio graph / engine, median of rounds;
-3. with --compare-batching, the graph redeployed with batching off (max_batch_size 1).
+3. with --compare-batching, the graph redeployed with batching off (max_batch_size 1);
+4. with --compare-mode M, each question also asked of the graph in mode M right after
+   `--mode` (e.g. the ensemble against extractive): median and p95 of both, and the ratio.
+`--set` overrides the engine config of both systems (e.g. ensemble.generator_use=score).
 Prints a table with the ratios and writes JSON (runs/bench/graph.json).
 """
 
@@ -53,7 +57,10 @@ def main() -> int:
     ap.add_argument("--config", default="local.yaml", help="graph YAML (default local.yaml)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (median)")
     ap.add_argument("--compare-batching", action="store_true")
+    ap.add_argument("--compare-mode", default=None, help="also time the graph in this mode")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
+    overrides = dict(kv.split("=", 1) for kv in args.set)
 
     import ray
     from ray import serve
@@ -86,7 +93,7 @@ def main() -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    cfg = GraphConfig.load(resolve_config(args.config), data_dir=data / "graph")
+    cfg = GraphConfig.load(resolve_config(args.config), data_dir=data / "graph", **overrides)
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     engine = None
     try:
@@ -99,11 +106,12 @@ def main() -> int:
         result["graph_deploy_s"] = time.perf_counter() - t
         # Both systems up side by side (the graph idles while the engine answers), measured
         # in alternating rounds so that drift in the shared machine's load hits both alike.
-        engine = Engine(EngineConfig.load(None, data_dir=data / "engine"))
+        engine = Engine(EngineConfig.load(None, data_dir=data / "engine", **overrides))
         engine.ingest(docs)
         with Client(url, timeout=300) as client:
             client.ingest([d.model_dump() for d in docs])
             samples: dict[str, list[float]] = {"engine": [], "graph": []}
+            other: list[float] = []  # the graph in --compare-mode
             stages: dict[str, list[dict[str, float]]] = {"engine": [], "graph": []}
 
             def ask_engine(r: QueryRequest, keep: bool = False) -> float:
@@ -113,9 +121,9 @@ def main() -> int:
                     stages["engine"].append(timings)
                 return (time.perf_counter() - t) * 1000
 
-            def ask_graph(r: QueryRequest, keep: bool = False) -> float:
+            def ask_graph(r: QueryRequest, keep: bool = False, mode: str | None = None) -> float:
                 t = time.perf_counter()
-                resp = client.query(r.question, filters=r.filters, mode=r.mode)
+                resp = client.query(r.question, filters=r.filters, mode=mode or r.mode)
                 if keep:
                     stages["graph"].append(resp.timings_ms)
                 return (time.perf_counter() - t) * 1000
@@ -134,6 +142,8 @@ def main() -> int:
                 for r in req:  # one question each, in turn: 1 client each
                     samples["engine"].append(ask_engine(r, keep=True))
                     samples["graph"].append(ask_graph(r, keep=True))
+                    if args.compare_mode:
+                        other.append(ask_graph(r, mode=args.compare_mode))
                 engine_qps = throughput(ask_engine, 1)
                 account = CpuAccount().start()
                 graph_qps = throughput(ask_graph, args.concurrency)
@@ -166,6 +176,12 @@ def main() -> int:
     result["graph_qps"] = statistics.median(r["graph_qps"] for r in rounds)
     result["batching"] = {k: v.model_dump() for k, v in cfg.batching.items()}
     e, g = result["engine_ms"], result["graph_ms"]
+    if other:
+        result["compare_mode"] = args.compare_mode
+        result["graph_compare_mode_ms"] = {
+            "median": statistics.median(other),
+            "p95": pct(other, 0.95),
+        }
     result["overhead_ms_median"] = g["median"] - e["median"]
     result["latency_ratio"] = g["median"] / e["median"]
     result["throughput_ratio"] = statistics.median(r["graph_qps"] / r["engine_qps"] for r in rounds)
@@ -175,6 +191,10 @@ def main() -> int:
     print(f"{result['engine_qps']:>8.2f}")
     print(f"{'graph over HTTP, 1 client':34}{g['median']:>10.1f}{g['p95']:>9.1f}")
     print(f"{f'graph over HTTP, {args.concurrency} clients':34}{'':>19}{result['graph_qps']:>8.2f}")
+    if other:
+        o = result["graph_compare_mode_ms"]
+        print(f"{f'graph, {args.compare_mode}, 1 client':34}{o['median']:>10.1f}{o['p95']:>9.1f}")
+        print(f"{args.mode} / {args.compare_mode} (graph, median): {g['median'] / o['median']:.2f}")
     print(
         f"latency ratio graph / engine (median, 1 client): {result['latency_ratio']:.2f} "
         f"(+{result['overhead_ms_median']:.1f} ms)"

@@ -99,3 +99,17 @@ def api_server(local_backend: Any, serve_app: Callable[[Any], str]) -> ApiServer
         max_body_bytes=64 * 1024,
     )
     return ApiServer(serve_app(build_app(local_backend, cfg)), WRITE_KEY, READ_KEY, local_backend)
+
+
+@pytest.fixture(scope="module")
+def qa_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random extractive-QA checkpoint (tiny_models.tiny_qa_checkpoint), per module."""
+    from tiny_models import tiny_qa_checkpoint
+
+    return tiny_qa_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(scope="module")
+def onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An ONNX export cache folder shared by one module's tests."""
+    return tmp_path_factory.mktemp("onnx-cache")

@@ -126,6 +126,10 @@ def test_eval_runs_the_protocol_end_to_end(domain_dir: Path, tmp_path: Path) -> 
     for key in ("reader", "pipeline", "random_review", "generator", "ensemble"):
         assert 0.0 <= report[key]["all"]["f1"] <= 1.0
     assert report["pipeline"]["p50_ms"] > 0
+    # Ensemble and extractive latencies, question by question on the same subset.
+    assert report["ensemble"]["p50_ms"] > 0 and report["pipeline_on_subset"]["p50_ms"] > 0
+    assert report["ensemble"]["generator_use"] == "generate"
+    assert "ensemble (generate, hand-set rules) p50" in stdout.getvalue()
     assert set(report["pipeline_by_mode"]) == {"dense", "sparse", "hybrid"}
     assert (tmp_path / "out" / "electronics-test-t-recall.png").stat().st_size > 1000
     assert "always no answer" in stdout.getvalue()

@@ -80,12 +80,41 @@ def test_fit_ensemble_end_to_end(data: Path, models: list[str], tmp_path: Path) 
     weighed = [r["features"] for r in rows if len(r["texts"]) > 1]
     assert all(f[-1]["null_gen"] < 0 and f[0]["span_gen"] < 0 for f in weighed)
 
-    # The figures are the saved policy's decisions on the saved features, by the official rule.
-    fig = report["f1"]["all"]
+    # The figures are the saved policy's decisions on the saved features, by the official rule
+    # (unweighted, and weighted to the train split's answerable share).
+    fig = report["f1_unweighted"]["all"]
     assert fig["policy"] == round(mean(r["f1"][decide(policy, r)] for r in rows), 4)
     assert fig["always_no_answer"] == round(mean(squad_em_f1("", r["golds"])[1] for r in rows), 4)
-    assert fig["oracle"] >= max(fig["policy"], fig["policy_cv"], fig["reader"])
+    from qaserve.offline.fit_ensemble import reweigh
+
+    reweigh(rows, {d: v["target"] for d, v in report["answerable_share"].items()})
+    weights = [r["weight"] for r in rows]
+    nulls = [squad_em_f1("", r["golds"])[1] for r in rows]
+    expected = sum(w * f for w, f in zip(weights, nulls, strict=True)) / sum(weights)
+    assert report["f1"]["all"]["always_no_answer"] == round(expected, 4)
+    fig = report["f1"]["all"]
+    held_out = ("policy_cv", "reader_features_cv", "policy_other_domains")
+    assert fig["oracle"] >= max(fig["policy"], fig["reader"], *(fig[k] for k in held_out))
+    assert "other-dom" in printed and "cv-reader" in printed
     assert set(report["l2_cv_f1"]) == {"0.01", "0.1", "1.0", "10.0", "100.0"}
+
+    # Dev questions weighed to the train split's answerable share (the default), both figures kept.
+    shares = report["answerable_share"]
+    assert set(shares) == set(DOMAINS) and all(0 < v["target"] < 1 for v in shares.values())
+    assert set(report["f1_unweighted"]) == set(report["f1"])
+
+    # --apply decides with a saved policy on collected features and fits nothing: on the rows
+    # it was fitted on, it reproduces the policy's own (unweighted) figure.
+    applied_path = tmp_path / "applied.json"
+    printed = _run(
+        [
+            *("fit-ensemble", "--features", str(features_path(output))),
+            *("--apply", str(output), "--output", str(applied_path)),
+        ]
+    )
+    applied = json.loads(applied_path.read_text())
+    assert applied["f1"]["all"]["policy"] == report["f1_unweighted"]["all"]["policy"]
+    assert "policy" in printed and not features_path(applied_path).exists()
 
     # Refitting from the saved features needs no pipeline and gives the same policy.
     again = tmp_path / "again.json"
@@ -121,3 +150,67 @@ def test_fit_ensemble_end_to_end(data: Path, models: list[str], tmp_path: Path) 
             assert answer.source == ("none" if not answer.text else "both")
     finally:
         engine.close()
+
+
+def test_other_domains_decides_each_domain_by_a_policy_fitted_on_the_others() -> None:
+    """Domain A's questions are answered by a span, domain B's by "no answer", with the same
+    features: a policy that never saw a domain must pick what the other domain taught it."""
+    from qaserve.deployments.ensemble_policy import READER_FEATURES
+    from qaserve.offline.fit_ensemble import cross_validated
+
+    def candidate(kind: str) -> dict[str, float]:
+        feats = dict.fromkeys(READER_FEATURES, 0.0)
+        feats[kind] = 1.0
+        return feats
+
+    rows = [
+        {"domain": d, "features": [candidate("span"), candidate("null")], "f1": f1}
+        for d, f1 in (("a", [1.0, 0.0]), ("b", [0.0, 1.0]))
+        for _ in range(6)
+    ]
+    held_out = cross_validated(rows, READER_FEATURES, "score", 1.0, by_domain=True)
+    assert held_out == [1] * 6 + [0] * 6  # each domain gets the other's lesson
+    pooled = cross_validated(rows, READER_FEATURES, "score", 1.0)
+    assert len(pooled) == 12 and set(pooled) <= {0, 1}
+
+
+def test_sample_weights_count_like_repeated_rows() -> None:
+    """Weight 2 is the row twice, weight 0 is the row dropped: the reweighing of dev questions
+    to the train split's answerable share rests on this."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 3))
+    y = (x[:, 0] + 0.5 * rng.normal(size=40) > 0).astype(float)
+    names = ["span_reader", "span_logodds", "null_reader"]
+    w = np.array([2.0] * 10 + [0.0] * 10 + [1.0] * 20)
+    x_rep = np.vstack([x[:10], x[:10], x[20:]])
+    y_rep = np.concatenate([y[:10], y[:10], y[20:]])
+    a = LogisticPolicy.fit(x, y, names, "score", 1.0, sample_weight=w)
+    b = LogisticPolicy.fit(x_rep, y_rep, names, "score", 1.0)
+    # Standardisation uses the unweighted rows, so compare decisions, not raw weights.
+    assert np.allclose(a.probabilities(x), b.probabilities(x), atol=0.05)
+    assert np.array_equal(a.probabilities(x) > 0.5, b.probabilities(x) > 0.5)
+    with pytest.raises(ValueError):
+        LogisticPolicy.fit(x, y, names, "score", 1.0, sample_weight=-w)
+
+
+def test_reweigh_gives_each_domain_the_target_answerable_share() -> None:
+    from qaserve.offline.fit_ensemble import reweigh
+
+    rows: list[dict[str, Any]] = [
+        {"domain": "a", "golds": ["x"] if i < 3 else [""]} for i in range(10)
+    ]
+    rows += [{"domain": "b", "golds": ["y", ""] if i < 6 else [""]} for i in range(8)]
+    report = reweigh(rows, {"a": 0.6, "b": 0.5})
+    assert report == {
+        "a": {"fitted_on": 0.3, "target": 0.6},
+        "b": {"fitted_on": 0.75, "target": 0.5},
+    }
+    for name, want in (("a", 0.6), ("b", 0.5)):
+        mine = [r for r in rows if r["domain"] == name]
+        total = sum(r["weight"] for r in mine)
+        share = sum(r["weight"] for r in mine if any(g for g in r["golds"])) / total
+        assert share == pytest.approx(want) and total == pytest.approx(len(mine))
+    with pytest.raises(SystemExit):
+        reweigh([{"domain": "c", "golds": [""]}], {"c": 0.5})

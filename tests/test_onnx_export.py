@@ -13,7 +13,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering
+from tiny_models import tiny_qa_checkpoint
+from transformers import AutoTokenizer, BertForQuestionAnswering
 
 from qaserve.config import packaged_embedder
 from qaserve.deployments.onnx_export import (
@@ -25,37 +26,6 @@ from qaserve.deployments.onnx_export import (
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
-
-
-def make_checkpoint(dest: Path, seed: int = 0) -> Path:
-    """A tiny random BERT QA model with the MiniLM tokenizer; the QA head is scaled up so
-    the start/end distributions are peaked, like a trained reader's, not near uniform."""
-    tokenizer = AutoTokenizer.from_pretrained(packaged_embedder())
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=512,
-    )
-    model = BertForQuestionAnswering(config).eval()
-    with torch.no_grad():
-        model.qa_outputs.weight.normal_(0.0, 1.0)
-    model.save_pretrained(dest)
-    tokenizer.save_pretrained(dest)
-    return dest
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt"))
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("cache")
 
 
 def _inputs(checkpoint: Path, questions: list[str], contexts: list[str]) -> dict[str, np.ndarray]:
@@ -87,45 +57,51 @@ CONTEXTS = [
 
 
 @pytest.mark.parametrize("variant", ["fp32", "fp32-opt"])
-def test_fp32_exports_match_torch_logits(checkpoint: Path, cache: Path, variant: str) -> None:
-    folder = export_reader(str(checkpoint), cache, variant)
+def test_fp32_exports_match_torch_logits(
+    qa_checkpoint: Path, onnx_cache: Path, variant: str
+) -> None:
+    folder = export_reader(str(qa_checkpoint), onnx_cache, variant)
     # Dynamic axes: a padded batch of 3 and a single unpadded pair, neither the traced shape.
     for qs, cs in [(QUESTIONS, CONTEXTS), (QUESTIONS[:1], CONTEXTS[1:2])]:
-        feeds = _inputs(checkpoint, qs, cs)
-        want_start, want_end = _torch_logits(checkpoint, feeds)
+        feeds = _inputs(qa_checkpoint, qs, cs)
+        want_start, want_end = _torch_logits(qa_checkpoint, feeds)
         got_start, got_end = _onnx_logits(folder, feeds)
         mask = feeds["attention_mask"] == 1  # padded positions are don't-cares
         np.testing.assert_allclose(got_start[mask], want_start[mask], atol=1e-4, rtol=1e-4)
         np.testing.assert_allclose(got_end[mask], want_end[mask], atol=1e-4, rtol=1e-4)
 
 
-def test_optimised_graph_is_fused_and_int8_is_quantised(checkpoint: Path, cache: Path) -> None:
-    opt = export_reader(str(checkpoint), cache, "fp32-opt")
+def test_optimised_graph_is_fused_and_int8_is_quantised(
+    qa_checkpoint: Path, onnx_cache: Path
+) -> None:
+    opt = export_reader(str(qa_checkpoint), onnx_cache, "fp32-opt")
     meta = json.loads((opt / "export.json").read_text())
     assert meta["fused_ops"].get("Attention") == 2  # one per layer
     assert meta["fused_ops"].get("EmbedLayerNormalization") == 1
     ops = {n.op_type for n in onnx.load(str(opt / "model.onnx")).graph.node}
     assert {"Attention", "SkipLayerNormalization"} <= ops
 
-    int8 = export_reader(str(checkpoint), cache, "int8")
+    int8 = export_reader(str(qa_checkpoint), onnx_cache, "int8")
     ops = {n.op_type for n in onnx.load(str(int8 / "model.onnx")).graph.node}
     assert {"QAttention", "DynamicQuantizeMatMul"} & ops, ops
     assert "Attention" not in ops
-    fp32_size = (export_reader(str(checkpoint), cache, "fp32") / "model.onnx").stat().st_size
+    fp32_size = (
+        (export_reader(str(qa_checkpoint), onnx_cache, "fp32") / "model.onnx").stat().st_size
+    )
     assert (int8 / "model.onnx").stat().st_size < 0.4 * fp32_size
 
 
-def test_export_folder_is_self_describing(checkpoint: Path, cache: Path) -> None:
-    folder = export_reader(str(checkpoint), cache, "int8")
-    assert folder == cache / "reader" / checkpoint_hash(checkpoint) / "int8"
+def test_export_folder_is_self_describing(qa_checkpoint: Path, onnx_cache: Path) -> None:
+    folder = export_reader(str(qa_checkpoint), onnx_cache, "int8")
+    assert folder == onnx_cache / "reader" / checkpoint_hash(qa_checkpoint) / "int8"
     assert {"model.onnx", "tokenizer.json", "tokenizer_config.json", "export.json"} <= {
         p.name for p in folder.iterdir()
     }
     meta = json.loads((folder / "export.json").read_text())
-    assert meta["source"] == str(checkpoint)
+    assert meta["source"] == str(qa_checkpoint)
     assert meta["variant"] == "int8"
     assert meta["format"] == "onnx-int8"
-    assert meta["hash"] == checkpoint_hash(checkpoint)
+    assert meta["hash"] == checkpoint_hash(qa_checkpoint)
     assert meta["model_bytes"] == (folder / "model.onnx").stat().st_size
     assert meta["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
     assert meta["quantization"]["weight_type"] == "QInt8"
@@ -135,32 +111,32 @@ def test_export_folder_is_self_describing(checkpoint: Path, cache: Path) -> None
     assert not [p for p in root.iterdir() if p.name.startswith(".tmp")]
 
 
-def test_cache_is_reused_and_keyed_by_content(checkpoint: Path, tmp_path: Path) -> None:
-    cache = tmp_path / "cache"
-    first = export_reader(str(checkpoint), cache, "fp32")
+def test_cache_is_reused_and_keyed_by_content(qa_checkpoint: Path, tmp_path: Path) -> None:
+    onnx_cache = tmp_path / "onnx_cache"
+    first = export_reader(str(qa_checkpoint), onnx_cache, "fp32")
     stamp = (first / "model.onnx").stat().st_mtime_ns
     meta = (first / "export.json").read_text()
-    again = export_reader(checkpoint, cache, "fp32")  # Path or str: same key
+    again = export_reader(qa_checkpoint, onnx_cache, "fp32")  # Path or str: same key
     assert again == first
     assert (again / "model.onnx").stat().st_mtime_ns == stamp
     assert (again / "export.json").read_text() == meta
 
     # The same files elsewhere share the entry; changed weights get a new one.
-    other = make_checkpoint(tmp_path / "copy", seed=0)
-    assert export_reader(str(other), cache, "fp32") == first
-    changed = make_checkpoint(tmp_path / "changed", seed=1)
-    assert checkpoint_hash(changed) != checkpoint_hash(checkpoint)
-    assert export_reader(str(changed), cache, "fp32") != first
+    other = tiny_qa_checkpoint(tmp_path / "copy", seed=0)
+    assert export_reader(str(other), onnx_cache, "fp32") == first
+    changed = tiny_qa_checkpoint(tmp_path / "changed", seed=1)
+    assert checkpoint_hash(changed) != checkpoint_hash(qa_checkpoint)
+    assert export_reader(str(changed), onnx_cache, "fp32") != first
 
 
-def test_concurrent_exports_yield_one_complete_folder(checkpoint: Path, tmp_path: Path) -> None:
-    cache = tmp_path / "cache"
+def test_concurrent_exports_yield_one_complete_folder(qa_checkpoint: Path, tmp_path: Path) -> None:
+    onnx_cache = tmp_path / "onnx_cache"
     results: list[Path] = []
     errors: list[BaseException] = []
 
     def work() -> None:
         try:
-            results.append(export_reader(str(checkpoint), cache, "fp32-opt"))
+            results.append(export_reader(str(qa_checkpoint), onnx_cache, "fp32-opt"))
         except BaseException as exc:  # surfaced below
             errors.append(exc)
 
@@ -179,11 +155,13 @@ def test_concurrent_exports_yield_one_complete_folder(checkpoint: Path, tmp_path
     assert not [p for p in root.iterdir() if p.name.startswith(".tmp")]
 
 
-def test_write_reader_folder_replaces_in_place(checkpoint: Path, cache: Path, tmp_path: Path):
+def test_write_reader_folder_replaces_in_place(
+    qa_checkpoint: Path, onnx_cache: Path, tmp_path: Path
+):
     dest = tmp_path / "assets" / "reader"
     dest.mkdir(parents=True)
     (dest / "stale.txt").write_text("old")
-    out = write_reader_folder(str(checkpoint), dest, "int8", cache_dir=cache)
+    out = write_reader_folder(str(qa_checkpoint), dest, "int8", cache_dir=onnx_cache)
     assert out == dest.resolve()
     names = {p.name for p in dest.iterdir()}
     assert {"model.onnx", "tokenizer.json", "export.json"} <= names
@@ -192,7 +170,7 @@ def test_write_reader_folder_replaces_in_place(checkpoint: Path, cache: Path, tm
 
 
 @pytest.mark.parametrize("kind", ["distilbert", "albert"])
-def test_other_architectures(kind: str, cache: Path, tmp_path: Path) -> None:
+def test_other_architectures(kind: str, onnx_cache: Path, tmp_path: Path) -> None:
     """DistilBERT takes no token_type_ids (BERT fusions still apply); ALBERT is not a type
     ORT's BERT optimiser knows, so it gets ORT's generic offline optimisation."""
     from transformers import (
@@ -226,7 +204,7 @@ def test_other_architectures(kind: str, cache: Path, tmp_path: Path) -> None:
     model.eval().save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
 
-    folder = export_reader(str(tmp_path), cache, "fp32-opt")
+    folder = export_reader(str(tmp_path), onnx_cache, "fp32-opt")
     meta = json.loads((folder / "export.json").read_text())
     want_inputs = ["input_ids", "attention_mask"] + (["token_type_ids"] if kind == "albert" else [])
     assert meta["inputs"] == want_inputs
@@ -238,18 +216,18 @@ def test_other_architectures(kind: str, cache: Path, tmp_path: Path) -> None:
     mask = feeds["attention_mask"] == 1
     np.testing.assert_allclose(got_start[mask], out.start_logits.numpy()[mask], atol=1e-4)
 
-    reader = Reader(ReaderConfig(model=str(tmp_path)), cache, threads=1)  # int8
+    reader = Reader(ReaderConfig(model=str(tmp_path)), onnx_cache, threads=1)  # int8
     got = reader.read(QUESTIONS[1], [ReadDocument(text=CONTEXTS[1])], top_k=2)
     assert [a.answer for a in got.answers] == [CONTEXTS[1][a.start : a.end] for a in got.answers]
     assert reader.info().format == "onnx-int8"
 
 
-def test_unknown_variant_and_missing_checkpoint(cache: Path, tmp_path: Path) -> None:
+def test_unknown_variant_and_missing_checkpoint(onnx_cache: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="variant"):
-        export_reader(str(tmp_path), cache, "int4")
+        export_reader(str(tmp_path), onnx_cache, "int4")
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ValueError, match="no config"):
-        export_reader(str(empty), cache, "fp32")
+        export_reader(str(empty), onnx_cache, "fp32")
     with pytest.raises(FileNotFoundError):
-        export_reader(str(tmp_path / "missing"), cache, "fp32")
+        export_reader(str(tmp_path / "missing"), onnx_cache, "fp32")

@@ -11,7 +11,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from test_onnx_export import make_checkpoint
 
 from qaserve.config import ReaderConfig
 from qaserve.deployments.onnx_export import export_reader, read_export_meta
@@ -36,18 +35,8 @@ TOLERANCE = 0.25
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt"))
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
-def feeds(checkpoint: Path, cache: Path) -> list[dict[str, np.ndarray]]:
-    return calibration_feeds(checkpoint, cache, calibration_pairs(FIXTURE), windows=160)
+def feeds(qa_checkpoint: Path, onnx_cache: Path) -> list[dict[str, np.ndarray]]:
+    return calibration_feeds(qa_checkpoint, onnx_cache, calibration_pairs(FIXTURE), windows=160)
 
 
 def _logits(folder: Path, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -65,7 +54,9 @@ def _worst_error(folder: Path, fp32: Path, feeds: list[dict[str, np.ndarray]]) -
     return worst
 
 
-def test_calibration_feeds_are_the_readers_windows(checkpoint: Path, cache: Path, feeds: Any):
+def test_calibration_feeds_are_the_readers_windows(
+    qa_checkpoint: Path, onnx_cache: Path, feeds: Any
+):
     # One session run per question (each fits in one batch), padded as the Reader pads.
     examples = load_subjqa(FIXTURE)
     assert len(feeds) == len(examples)
@@ -73,15 +64,17 @@ def test_calibration_feeds_are_the_readers_windows(checkpoint: Path, cache: Path
     for feed in feeds:
         assert set(feed) == {"input_ids", "attention_mask", "token_type_ids"}
         assert feed["input_ids"].shape[1] <= 384
-    reader = Reader(ReaderConfig(model=str(export_reader(checkpoint, cache, "fp32"))), cache)
+    reader = Reader(
+        ReaderConfig(model=str(export_reader(qa_checkpoint, onnx_cache, "fp32"))), onnx_cache
+    )
     assert len(record_feeds(reader, calibration_pairs(FIXTURE), windows=1)) == 1
     with pytest.raises(ValueError, match="at least one window"):
         record_feeds(reader, calibration_pairs(FIXTURE), windows=0)
 
 
-def test_static_int8_is_close_to_fp32(checkpoint: Path, cache: Path, feeds: Any) -> None:
-    fp32 = export_reader(checkpoint, cache, "fp32")
-    static = export_static_int8(checkpoint, cache, feeds)
+def test_static_int8_is_close_to_fp32(qa_checkpoint: Path, onnx_cache: Path, feeds: Any) -> None:
+    fp32 = export_reader(qa_checkpoint, onnx_cache, "fp32")
+    static = export_static_int8(qa_checkpoint, onnx_cache, feeds)
     meta = read_export_meta(static)
     assert meta["format"] == "onnx-int8-static"
     assert meta["quantization"]["mode"] == "static"
@@ -97,40 +90,40 @@ def test_static_int8_is_close_to_fp32(checkpoint: Path, cache: Path, feeds: Any)
             "token_type_ids": np.zeros((1, 2), np.int64),
         }
     ]
-    broken = export_static_int8(checkpoint, cache, absurd)
-    assert broken != static  # the calibration is part of the cache key
+    broken = export_static_int8(qa_checkpoint, onnx_cache, absurd)
+    assert broken != static  # the calibration is part of the onnx_cache key
     assert _worst_error(broken, fp32, feeds) > TOLERANCE
-    assert export_static_int8(checkpoint, cache, feeds) == static  # reused
+    assert export_static_int8(qa_checkpoint, onnx_cache, feeds) == static  # reused
 
 
-def test_every_calibration_window_counts(checkpoint: Path, cache: Path, feeds: Any) -> None:
+def test_every_calibration_window_counts(qa_checkpoint: Path, onnx_cache: Path, feeds: Any) -> None:
     """The ranges cover all the windows, not the last few: ORT's CalibMaxIntermediateOutputs
     drops what it collected each time it reaches its count, which left static int8 calibrated
     on the tail alone. Here the tail is one 2-token window."""
-    fp32 = export_reader(checkpoint, cache, "fp32")
+    fp32 = export_reader(qa_checkpoint, onnx_cache, "fp32")
     tail = {
         "input_ids": np.array([[101, 102]]),
         "attention_mask": np.ones((1, 2), np.int64),
         "token_type_ids": np.zeros((1, 2), np.int64),
     }
     for extra in ([tail], [tail, tail]):
-        static = export_static_int8(checkpoint, cache, [*feeds, *extra])
+        static = export_static_int8(qa_checkpoint, onnx_cache, [*feeds, *extra])
         assert _worst_error(static, fp32, feeds) < TOLERANCE
 
 
-def test_static_int8_keeps_the_ffn_down_projections_fp32(checkpoint: Path, cache: Path):
-    graph = onnx.load(str(export_reader(checkpoint, cache, "fp32") / "model.onnx")).graph
-    down = ffn_down_matmuls(graph, intermediate=64)  # make_checkpoint: 2 layers, FFN 64
+def test_static_int8_keeps_the_ffn_down_projections_fp32(qa_checkpoint: Path, onnx_cache: Path):
+    graph = onnx.load(str(export_reader(qa_checkpoint, onnx_cache, "fp32") / "model.onnx")).graph
+    down = ffn_down_matmuls(graph, intermediate=64)  # tiny_qa_checkpoint: 2 layers, FFN 64
     assert len(down) == 2 and all("/output/dense/" in n for n in down)
     assert not any("attention" in n for n in down)
 
 
-def test_bf16_runs_or_says_why_not(checkpoint: Path, cache: Path, feeds: Any) -> None:
+def test_bf16_runs_or_says_why_not(qa_checkpoint: Path, onnx_cache: Path, feeds: Any) -> None:
     """Every MatMul in bf16. ONNX Runtime's CPU provider has no bf16 MatMul kernel (1.32):
     then the export says so and caches nothing; where it has one, the logits are close."""
-    fp32 = export_reader(checkpoint, cache, "fp32")
+    fp32 = export_reader(qa_checkpoint, onnx_cache, "fp32")
     try:
-        folder = export_bf16(checkpoint, cache)
+        folder = export_bf16(qa_checkpoint, onnx_cache)
     except VariantUnsupported as exc:
         assert "MatMul" in str(exc) and ort.__version__ in str(exc)
         assert not (fp32.parent / "bf16").exists()

@@ -45,9 +45,9 @@ def _tiny_bert(tokenizer: Any, seed: int) -> BertForQuestionAnswering:
     return BertForQuestionAnswering(config).eval()
 
 
-def random_model(tokenizer: Any) -> BertForQuestionAnswering:
+def random_model(tokenizer: Any, seed: int = 0) -> BertForQuestionAnswering:
     """Random weights; the QA head scaled so start/end distributions are peaked, as trained."""
-    model = _tiny_bert(tokenizer, seed=0)
+    model = _tiny_bert(tokenizer, seed=seed)
     with torch.no_grad():
         model.qa_outputs.weight.normal_(0.0, 1.0)
     return model

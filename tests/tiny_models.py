@@ -23,14 +23,20 @@ GENERATOR_SEED = 2  # with this seed the tiny LM's first greedy tokens are not E
 
 def tiny_reader_dir(dest: Path, cache_dir: Path) -> Path:
     """A random extractive-QA BERT exported to a self-contained int8 ONNX reader folder."""
+    from qaserve.deployments.onnx_export import write_reader_folder
+
+    checkpoint = tiny_qa_checkpoint(dest / "checkpoint")
+    return write_reader_folder(checkpoint, dest / "onnx", "int8", cache_dir=cache_dir)
+
+
+def tiny_qa_checkpoint(dest: Path, seed: int = 0) -> Path:
+    """A tiny random BERT QA checkpoint (2 layers, FFN 64) with the MiniLM tokenizer, its QA
+    head scaled so the start/end distributions are peaked, like a trained reader's."""
     from test_reader import _save, random_model
     from transformers import AutoTokenizer
 
-    from qaserve.deployments.onnx_export import write_reader_folder
-
     tokenizer = AutoTokenizer.from_pretrained(packaged_embedder())
-    checkpoint = _save(random_model(tokenizer), tokenizer, dest / "checkpoint")
-    return write_reader_folder(checkpoint, dest / "onnx", "int8", cache_dir=cache_dir)
+    return _save(random_model(tokenizer, seed), tokenizer, dest)
 
 
 def tiny_causal_lm_dir(dest: Path) -> Path:

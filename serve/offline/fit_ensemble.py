@@ -9,6 +9,17 @@ features and official SQuAD 2.0 F1 (its soft label) are collected. One logistic 
 over every domain; its L2 strength is chosen by 5-fold cross-validation over questions (the
 F1 of the decisions), then it is refitted on all of them.
 
+The dev splits hold more unanswerable questions than train and test (answerable 39-62 % of dev
+questions, 54-75 % of train's, docs/RESULTS.md): fitted on dev as it is, a policy learns to
+abstain too often. `--answerable-share train` (the default) weighs each domain's dev questions
+so that their answerable share is that of its train split (importance weights, known without
+looking at test); the dev figures are then reported under the same weights, beside the
+unweighted ones.
+
+`--apply POLICY...` fits nothing: it runs (or reads, `--features`) the pipeline on a split and
+reports each saved policy's official F1 there beside the extractive pipeline, always "no
+answer" and the oracle (unweighted): how a dev-fitted policy is measured on test, once.
+
 Written: the policy (`--output`, JSON; its `fit` holds the dev figures: official F1 of the
 policy in-sample and cross-validated, the extractive pipeline's answer, always "no answer",
 and the oracle over the candidates, per domain and overall) and the collected features
@@ -22,7 +33,6 @@ import argparse
 import json
 import random
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -32,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from qaserve.deployments.ensemble_policy import (
+    READER_FEATURES,
     GeneratorUse,
     LogisticPolicy,
     candidates,
@@ -118,11 +129,58 @@ def collect(
     }
 
 
-def _design(rows: Sequence[dict[str, Any]], names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+def _design(
+    rows: Sequence[dict[str, Any]], names: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features, soft labels and sample weights (the question's weight) of every candidate."""
     feats = [f for r in rows for f in r["features"]]
     labels = [y for r in rows for y in r["f1"][: len(r["features"])]]
+    weights = [r.get("weight", 1.0) for r in rows for _ in r["features"]]
     x = np.array([[f[n] for n in names] for f in feats], dtype=np.float64)
-    return x.reshape(len(feats), len(names)), np.array(labels, dtype=np.float64)
+    return (
+        x.reshape(len(feats), len(names)),
+        np.array(labels, dtype=np.float64),
+        np.array(weights, dtype=np.float64),
+    )
+
+
+def _answerable(golds: Sequence[str]) -> bool:
+    return any(g for g in golds)
+
+
+def answerable_shares(data: Path, split: str, domains: Sequence[str]) -> dict[str, float]:
+    """Each domain's share of answerable questions in `split` (any non-empty gold)."""
+    from qaserve.offline.protocol import answerable
+    from qaserve.subjqa import load_subjqa
+
+    shares = {}
+    for name in domains:
+        folder = data / name
+        folder = folder / "splits" if (folder / "splits").is_dir() else folder
+        questions = load_subjqa(folder, split)
+        if not questions:
+            raise SystemExit(f"{folder}: no {split} questions to take the answerable share from")
+        shares[name] = sum(answerable(ex) for ex in questions) / len(questions)
+    return shares
+
+
+def reweigh(rows: list[dict[str, Any]], target: dict[str, float]) -> dict[str, Any]:
+    """Weigh each row so that its domain's answerable share becomes `target[domain]`;
+    returns {domain: {"fitted_on": share, "target": share}}."""
+    report = {}
+    for name, want in target.items():
+        mine = [r for r in rows if r["domain"] == name]
+        have = sum(_answerable(r["golds"]) for r in mine) / max(len(mine), 1)
+        if not 0.0 < have < 1.0:
+            raise SystemExit(f"{name}: every question is on one side; cannot reweigh it")
+        for r in mine:
+            r["weight"] = want / have if _answerable(r["golds"]) else (1 - want) / (1 - have)
+        report[name] = {"fitted_on": round(have, 4), "target": round(want, 4)}
+    return report
+
+
+def _mean(values: Sequence[float], weights: Sequence[float]) -> float:
+    return float(np.average(values, weights=weights)) if values else 0.0
 
 
 def decide(policy: LogisticPolicy, row: dict[str, Any]) -> int:
@@ -143,58 +201,92 @@ def _folds(n: int, folds: int, seed: int = 0) -> list[int]:
 
 
 def cross_validated(
-    rows: Sequence[dict[str, Any]], names: Sequence[str], use: GeneratorUse, l2: float
+    rows: Sequence[dict[str, Any]],
+    names: Sequence[str],
+    use: GeneratorUse,
+    l2: float,
+    by_domain: bool = False,
 ) -> list[int]:
-    """Each question's decision by a policy fitted on the other folds."""
-    k = min(FOLDS, len(rows))
-    fold = _folds(len(rows), k)
+    """Each question's decision by a policy fitted on the other folds (`by_domain`: the other
+    domains; with one domain, nothing is left to fit on and every question keeps candidate 0)."""
+    if by_domain:
+        names_of = sorted({r["domain"] for r in rows})
+        fold = [names_of.index(r["domain"]) for r in rows]
+        k = len(names_of)
+    else:
+        k = min(FOLDS, len(rows))
+        fold = _folds(len(rows), k)
     picks = [0] * len(rows)
     for f in range(k):
         train = [r for r, g in zip(rows, fold, strict=True) if g != f]
-        x, y = _design(train, names)
+        x, y, w = _design(train, names)
         if len(x) == 0:
             continue
-        policy = LogisticPolicy.fit(x, y, names, use, l2)
+        policy = LogisticPolicy.fit(x, y, names, use, l2, sample_weight=w)
         for i, row in enumerate(rows):
             if fold[i] == f:
                 picks[i] = decide(policy, row)
     return picks
 
 
-def figures(rows: Sequence[dict[str, Any]], picks: dict[str, list[int]]) -> dict[str, Any]:
-    """Official F1 per domain and overall: each policy's picks, the extractive pipeline,
-    always "no answer", and the best candidate (the ceiling any policy over them has)."""
+def figures(
+    rows: Sequence[dict[str, Any]], picks: dict[str, list[int]], weighted: bool = True
+) -> dict[str, Any]:
+    """Official F1 per domain and overall (each question by its weight unless not `weighted`):
+    each policy's picks, the extractive pipeline, always "no answer", and the best candidate
+    (the ceiling any policy over them has)."""
     out: dict[str, Any] = {}
     groups = {"all": list(range(len(rows)))}
     for i, r in enumerate(rows):
         groups.setdefault(r["domain"], []).append(i)
     for name, idx in groups.items():
+        w = [rows[i].get("weight", 1.0) if weighted else 1.0 for i in idx]
+
+        def avg(values: Any, w: list[float] = w) -> float:
+            return round(_mean(list(values), w), 4)
+
         fig: dict[str, Any] = {"n": len(idx)}
         for key, chosen in picks.items():
-            fig[key] = round(mean(rows[i]["f1"][chosen[i]] for i in idx), 4)
-        fig["reader"] = round(mean(_f1(rows[i]["reader"], rows[i]["golds"]) for i in idx), 4)
-        fig["always_no_answer"] = round(mean(_f1("", rows[i]["golds"]) for i in idx), 4)
-        fig["oracle"] = round(mean(max(rows[i]["f1"]) for i in idx), 4)
+            fig[key] = avg(rows[i]["f1"][chosen[i]] for i in idx)
+        fig["reader"] = avg(_f1(rows[i]["reader"], rows[i]["golds"]) for i in idx)
+        fig["always_no_answer"] = avg(_f1("", rows[i]["golds"]) for i in idx)
+        fig["oracle"] = avg(max(rows[i]["f1"]) for i in idx)
         out[name] = fig
     return out
 
 
-def fit_policy(collected: dict[str, Any], l2_grid: Sequence[float] = L2_GRID) -> LogisticPolicy:
-    """L2 by cross-validated F1 (ties: the stronger penalty), then refitted on every question."""
+def fit_policy(
+    collected: dict[str, Any],
+    l2_grid: Sequence[float] = L2_GRID,
+    names: Sequence[str] | None = None,
+    shares: dict[str, Any] | None = None,
+) -> LogisticPolicy:
+    """L2 by cross-validated F1 (ties: the stronger penalty), then refitted on every question.
+    `names`: the features (default: all of the collected kind); rows carry their weights."""
     rows = collected["rows"]
     use: GeneratorUse = collected["generator_use"]
-    names = feature_names(use)
+    names = list(names or feature_names(use))
     if not any(r["features"] for r in rows):
         raise SystemExit("no question had a candidate to learn from")
+    weights = [r.get("weight", 1.0) for r in rows]
     cv: dict[float, list[int]] = {}
     cv_f1: dict[str, float] = {}
     for l2 in l2_grid:
         cv[l2] = cross_validated(rows, names, use, l2)
-        cv_f1[str(l2)] = round(mean(r["f1"][p] for r, p in zip(rows, cv[l2], strict=True)), 4)
+        f1 = [r["f1"][p] for r, p in zip(rows, cv[l2], strict=True)]
+        cv_f1[str(l2)] = round(_mean(f1, weights), 4)
     best = max(l2_grid, key=lambda l2: (cv_f1[str(l2)], l2))
-    x, y = _design(rows, names)
-    policy = LogisticPolicy.fit(x, y, names, use, best)
-    in_sample = [decide(policy, r) for r in rows]
+    x, y, w = _design(rows, names)
+    policy = LogisticPolicy.fit(x, y, names, use, best, sample_weight=w)
+    picks = {
+        "policy": [decide(policy, r) for r in rows],
+        "policy_cv": cv[best],
+        # Each domain decided by a policy fitted on the others: a domain it never saw.
+        "policy_other_domains": cross_validated(rows, names, use, best, by_domain=True),
+    }
+    if set(READER_FEATURES) < set(names):
+        # Without the generator's features: what the generator adds over a calibrated reader.
+        picks["reader_features_cv"] = cross_validated(rows, READER_FEATURES, use, best)
     policy.fit_report = {
         "data": collected["data"],
         "split": collected["split"],
@@ -204,11 +296,58 @@ def fit_policy(collected: dict[str, Any], l2_grid: Sequence[float] = L2_GRID) ->
         "settings": collected["settings"],
         "s_per_question": collected["s_per_question"],
         "stage_ms_median": collected["stage_ms_median"],
+        "answerable_share": shares or "as in the split",
         "l2_cv_f1": cv_f1,
-        "f1": figures(rows, {"policy": in_sample, "policy_cv": cv[best]}),
+        "f1": figures(rows, picks),
+        "f1_unweighted": figures(rows, picks, weighted=False),
         "metric": "SQuAD 2.0 official F1 (qaserve.metrics.squad_em_f1)",
     }
     return policy
+
+
+def apply_policies(collected: dict[str, Any], policies: Sequence[Path]) -> dict[str, Any]:
+    """Each saved policy's decisions on the collected split, unweighted (its own share)."""
+    rows = collected["rows"]
+    picks = {}
+    for path in policies:
+        policy = LogisticPolicy.load(path)
+        if policy.generator_use != collected["generator_use"]:
+            raise SystemExit(f"{path}: fitted for {policy.generator_use!r} features")
+        picks[path.stem] = [decide(policy, r) for r in rows]
+    return {
+        "data": collected["data"],
+        "split": collected["split"],
+        "questions": len(rows),
+        "settings": collected["settings"],
+        "s_per_question": collected["s_per_question"],
+        "stage_ms_median": collected["stage_ms_median"],
+        "policies": {p.stem: str(p) for p in policies},
+        "f1": figures(rows, picks, weighted=False),
+        "metric": "SQuAD 2.0 official F1 (qaserve.metrics.squad_em_f1)",
+    }
+
+
+COLUMNS = {
+    "policy": "policy",
+    "policy_cv": "cv",
+    "policy_other_domains": "other-dom",
+    "reader_features_cv": "cv-reader",
+    "reader": "reader",
+    "always_no_answer": "no-ans",
+    "oracle": "oracle",
+}
+LEGEND = (
+    "cv: 5-fold over questions; other-dom: each domain by a policy fitted on the others; "
+    "cv-reader: 5-fold, the reader's features only (no generator); reader: the extractive "
+    "pipeline; no-ans: always 'no answer'; oracle: the best candidate"
+)
+
+
+def print_figures(f1: dict[str, Any], columns: dict[str, str]) -> None:
+    print(f"{'domain':<14}{'n':>5}" + "".join(f"{c:>11}" for c in columns.values()))
+    for name, fig in f1.items():
+        cells = [fig.get(k, float("nan")) for k in columns]
+        print(f"{name:<14}{fig['n']:>5}" + "".join(f"{c:>11.4f}" for c in cells))
 
 
 def features_path(output: Path) -> Path:
@@ -230,46 +369,86 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--features", type=Path, default=None, help="refit from collected features (no pipeline)"
     )
+    p.add_argument(
+        "--answerable-share",
+        choices=["train", "split"],
+        default="train",
+        help="weigh each domain's questions to its train split's answerable share (default) "
+        "or fit on the split as it is",
+    )
+    p.add_argument(
+        "--reader-features-only",
+        action="store_true",
+        help="fit on the reader's features alone (an ablation: what the generator adds)",
+    )
+    p.add_argument(
+        "--apply",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="POLICY",
+        help="fit nothing: report these saved policies on --split (--output: the report)",
+    )
     add_settings(p, "ensemble.score_documents=3")
     p.add_argument("--quiet", action="store_true")
 
 
-def _cmd(args: argparse.Namespace) -> int:
+def _collected(args: argparse.Namespace) -> dict[str, Any]:
     if args.features is not None:
-        collected = json.loads(args.features.read_text())
+        collected: dict[str, Any] = json.loads(args.features.read_text())
         if collected.get("kind") != FEATURES_FORMAT:
             raise SystemExit(f"{args.features}: not a features file of fit-ensemble")
-    else:
-        if args.data is None or not args.data.is_dir():
-            raise SystemExit("--data must be a folder of SubjQA domain folders")
-        from qaserve.offline.protocol import domains_in
+        return collected
+    if args.data is None or not args.data.is_dir():
+        raise SystemExit("--data must be a folder of SubjQA domain folders")
+    from qaserve.offline.protocol import domains_in
 
-        domains = args.domains or domains_in(args.data, args.split)
-        if not domains:
-            raise SystemExit(f"no domain under {args.data} has a {args.split} split")
-        collected = collect(
-            args.data,
-            args.split,
-            domains,
-            args.generator_use,
-            limit=args.limit,
-            settings=dict(args.settings),
-            progress=not args.quiet,
-        )
-        features_path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        features_path(args.output).write_text(json.dumps(collected) + "\n")
-    policy = fit_policy(collected)
+    domains = args.domains or domains_in(args.data, args.split)
+    if not domains:
+        raise SystemExit(f"no domain under {args.data} has a {args.split} split")
+    collected = collect(
+        args.data,
+        args.split,
+        domains,
+        args.generator_use,
+        limit=args.limit,
+        settings=dict(args.settings),
+        progress=not args.quiet,
+    )
+    features_path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    features_path(args.output).write_text(json.dumps(collected) + "\n")
+    return collected
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    collected = _collected(args)
+    if args.apply:
+        report = apply_policies(collected, args.apply)
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"{report['split']}: {report['questions']} questions -> {args.output}")
+        columns = {**{name: name for name in report["policies"]}, **COLUMNS}
+        print_figures(report["f1"], {k: v for k, v in columns.items() if k in report["f1"]["all"]})
+        return 0
+    shares = None
+    if args.answerable_share == "train":
+        data = Path(collected["data"])
+        target = answerable_shares(data, "train", collected["domains"])
+        shares = reweigh(collected["rows"], target)
+    names = READER_FEATURES if args.reader_features_only else None
+    policy = fit_policy(collected, names=names, shares=shares)
     policy.save(args.output)
     report = policy.fit_report
     print(f"policy: {args.output} (l2 {policy.l2:g}, {report['questions']} questions)")
-    print(f"{'domain':<14}{'n':>5}{'policy':>9}{'cv':>9}{'reader':>9}{'no-ans':>9}{'oracle':>9}")
-    for name, fig in report["f1"].items():
-        cells = [fig[k] for k in ("policy", "policy_cv", "reader", "always_no_answer", "oracle")]
-        print(f"{name:<14}{fig['n']:>5}" + "".join(f"{c:>9.4f}" for c in cells))
+    if shares:
+        print(
+            "questions weighed to the train splits' answerable share: "
+            + ", ".join(f"{d} {v['fitted_on']:.2f}->{v['target']:.2f}" for d, v in shares.items())
+        )
+    print_figures(report["f1"], {k: v for k, v in COLUMNS.items() if k in report["f1"]["all"]})
+    print(LEGEND)
     weights = sorted(zip(policy.features, policy.weights, strict=True), key=lambda w: -abs(w[1]))
-    print(
-        "weights (standardised):", ", ".join(f"{n} {w:+.2f}" for n, w in weights), file=sys.stderr
-    )
+    print("weights (standardised):", ", ".join(f"{n} {w:+.2f}" for n, w in weights))
     return 0
 
 
