@@ -115,6 +115,13 @@ def test_fit_ensemble_end_to_end(data: Path, models: list[str], tmp_path: Path) 
     applied = json.loads(applied_path.read_text())
     assert applied["f1"]["all"]["policy"] == report["f1_unweighted"]["all"]["policy"]
     assert "policy" in printed and not features_path(applied_path).exists()
+    # Beside it, how often each abstains, counted from the collected rows.
+    rows = json.loads(features_path(output).read_text())["rows"]
+    rates = applied["no_answer_rate"]["all"]
+    assert rates["reader"] == round(sum(r["reader"] == "" for r in rows) / len(rows), 4)
+    unanswerable = sum(not any(r["golds"]) for r in rows) / len(rows)
+    assert rates["unanswerable"] == round(unanswerable, 4) and 0 <= rates["policy"] <= 1
+    assert "unanswerable" in printed
 
     # Refitting from the saved features needs no pipeline and gives the same policy.
     again = tmp_path / "again.json"

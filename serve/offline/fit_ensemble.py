@@ -255,6 +255,29 @@ def figures(
     return out
 
 
+def no_answer_rates(rows: Sequence[dict[str, Any]], picks: dict[str, list[int]]) -> dict[str, Any]:
+    """How often each policy and the extractive pipeline answer "no answer", beside the share
+    of questions that have no gold span: a policy that abstains far more often than a split is
+    unanswerable was fitted on a split with another answerable share."""
+    out: dict[str, Any] = {}
+    groups = {"all": list(range(len(rows)))}
+    for i, r in enumerate(rows):
+        groups.setdefault(r["domain"], []).append(i)
+    for name, idx in groups.items():
+        fig: dict[str, Any] = {"n": len(idx)}
+        for key, chosen in picks.items():
+            fig[key] = round(
+                mean(
+                    [rows[i]["texts"][chosen[i]] == "" if rows[i]["texts"] else True for i in idx]
+                ),
+                4,
+            )
+        fig["reader"] = round(mean([rows[i]["reader"] == "" for i in idx]), 4)
+        fig["unanswerable"] = round(mean([not _answerable(rows[i]["golds"]) for i in idx]), 4)
+        out[name] = fig
+    return out
+
+
 def fit_policy(
     collected: dict[str, Any],
     l2_grid: Sequence[float] = L2_GRID,
@@ -323,6 +346,7 @@ def apply_policies(collected: dict[str, Any], policies: Sequence[Path]) -> dict[
         "stage_ms_median": collected["stage_ms_median"],
         "policies": {p.stem: str(p) for p in policies},
         "f1": figures(rows, picks, weighted=False),
+        "no_answer_rate": no_answer_rates(rows, picks),
         "metric": "SQuAD 2.0 official F1 (qaserve.metrics.squad_em_f1)",
     }
 
@@ -344,10 +368,18 @@ LEGEND = (
 
 
 def print_figures(f1: dict[str, Any], columns: dict[str, str]) -> None:
-    print(f"{'domain':<14}{'n':>5}" + "".join(f"{c:>11}" for c in columns.values()))
+    """One row per domain; each column as wide as its label (policy names can be long)."""
+    widths = [max(10, len(c)) + 1 for c in columns.values()]
+    print(
+        f"{'domain':<14}{'n':>5}"
+        + "".join(f"{c:>{w}}" for c, w in zip(columns.values(), widths, strict=True))
+    )
     for name, fig in f1.items():
         cells = [fig.get(k, float("nan")) for k in columns]
-        print(f"{name:<14}{fig['n']:>5}" + "".join(f"{c:>11.4f}" for c in cells))
+        print(
+            f"{name:<14}{fig['n']:>5}"
+            + "".join(f"{c:>{w}.4f}" for c, w in zip(cells, widths, strict=True))
+        )
 
 
 def features_path(output: Path) -> Path:
@@ -429,6 +461,13 @@ def _cmd(args: argparse.Namespace) -> int:
         print(f"{report['split']}: {report['questions']} questions -> {args.output}")
         columns = {**{name: name for name in report["policies"]}, **COLUMNS}
         print_figures(report["f1"], {k: v for k, v in columns.items() if k in report["f1"]["all"]})
+        print("how often each says 'no answer', and the share of questions without a gold span:")
+        rates = report["no_answer_rate"]
+        print_figures(
+            rates,
+            {k: v for k, v in columns.items() if k in rates["all"]}
+            | {"unanswerable": "unanswerable"},
+        )
         return 0
     shares = None
     if args.answerable_share == "train":
