@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from qaserve.deployments.ensemble_policy import LogisticPolicy
-from qaserve.offline.fit_ensemble import _design, _f1, _folds, decide
+from qaserve.offline.fit_ensemble import _design, _f1, cross_validated, decide
 
 SPAN_ONLY = ("span_reader", "span_logodds", "span_rank", "span_doc_prior", "span_doc_rank")
 SPAN_GEN = ("span_gen", "span_gen_vs_null", "span_gen_best")
@@ -68,14 +68,8 @@ def main() -> None:
     use = LogisticPolicy.load(args.policies[0]).generator_use
     names = [n for n in (*SPAN_ONLY, *SPAN_GEN) if n in dev[0]["features"][0]]
     spans = span_rows(dev)
-    fold = _folds(len(spans), 5)
-    cv: dict[str, int] = {}
-    for f in range(5):
-        x, y, w = _design([r for r, g in zip(spans, fold, strict=True) if g != f], names)
-        fitted = LogisticPolicy.fit(x, y, names, use, 1.0, sample_weight=w)
-        for r, g in zip(spans, fold, strict=True):
-            if g == f:
-                cv[r["id"]] = r["orig"][decide(fitted, r)]
+    folded = cross_validated(spans, names, use, l2=1.0)
+    cv = {r["id"]: r["orig"][pick] for r, pick in zip(spans, folded, strict=True)}
     print("dev", "span-only policy, 5-fold", score(dev, cv))
     x, y, w = _design(spans, names)
     fitted = LogisticPolicy.fit(x, y, names, use, 1.0, sample_weight=w)

@@ -229,6 +229,14 @@ def cross_validated(
     return picks
 
 
+def _groups(rows: Sequence[dict[str, Any]]) -> dict[str, list[int]]:
+    """Row indices of every question ("all") and of each domain, in order of appearance."""
+    groups = {"all": list(range(len(rows)))}
+    for i, r in enumerate(rows):
+        groups.setdefault(r["domain"], []).append(i)
+    return groups
+
+
 def figures(
     rows: Sequence[dict[str, Any]], picks: dict[str, list[int]], weighted: bool = True
 ) -> dict[str, Any]:
@@ -236,10 +244,7 @@ def figures(
     each policy's picks, the extractive pipeline, always "no answer", and the best candidate
     (the ceiling any policy over them has)."""
     out: dict[str, Any] = {}
-    groups = {"all": list(range(len(rows)))}
-    for i, r in enumerate(rows):
-        groups.setdefault(r["domain"], []).append(i)
-    for name, idx in groups.items():
+    for name, idx in _groups(rows).items():
         w = [rows[i].get("weight", 1.0) if weighted else 1.0 for i in idx]
 
         def avg(values: Any, w: list[float] = w) -> float:
@@ -260,10 +265,7 @@ def no_answer_rates(rows: Sequence[dict[str, Any]], picks: dict[str, list[int]])
     of questions that have no gold span: a policy that abstains far more often than a split is
     unanswerable was fitted on a split with another answerable share."""
     out: dict[str, Any] = {}
-    groups = {"all": list(range(len(rows)))}
-    for i, r in enumerate(rows):
-        groups.setdefault(r["domain"], []).append(i)
-    for name, idx in groups.items():
+    for name, idx in _groups(rows).items():
         fig: dict[str, Any] = {"n": len(idx)}
         for key, chosen in picks.items():
             fig[key] = round(
