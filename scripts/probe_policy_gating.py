@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from qaserve.deployments.ensemble_policy import LogisticPolicy
-from qaserve.offline.fit_ensemble import _design, _f1, cross_validated, decide
+from qaserve.offline.fit_ensemble import _design, _f1, _groups, cross_validated, decide
 
 SPAN_ONLY = ("span_reader", "span_logodds", "span_rank", "span_doc_prior", "span_doc_rank")
 SPAN_GEN = ("span_gen", "span_gen_vs_null", "span_gen_best")
@@ -41,13 +40,11 @@ def span_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def score(rows: list[dict[str, Any]], picks: dict[str, int]) -> dict[str, float]:
     """Official F1 per domain: the picked candidate where there is one, else the pipeline's."""
-    by: dict[str, list[float]] = defaultdict(list)
-    for r in rows:
-        i = picks.get(r["id"])
-        f = _f1(r["reader"], r["golds"]) if i is None else r["f1"][i]
-        by[r["domain"]].append(f)
-        by["all"].append(f)
-    return {k: round(float(np.mean(v)), 4) for k, v in sorted(by.items())}
+    f1 = [
+        _f1(r["reader"], r["golds"]) if (i := picks.get(r["id"])) is None else r["f1"][i]
+        for r in rows
+    ]
+    return {k: round(float(np.mean([f1[i] for i in idx])), 4) for k, idx in _groups(rows).items()}
 
 
 def main() -> None:
